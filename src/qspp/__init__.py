@@ -1,0 +1,1 @@
+"""qspp: qmail-smtpd with the qmail-spp plugin interface built in."""

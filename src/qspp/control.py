@@ -1,0 +1,367 @@
+"""Control files, rcpthosts, badmailfrom and this host's IPv4 addresses.
+
+Parsing follows qmail's control.c and rcpthosts.c rather than a cleaner idea
+of the formats, because administrators' files (CRLF endings, stray blanks,
+overlong numbers) must give exactly the behaviour netqmail gives them.
+
+Absent means ENOENT and nothing else; every other failure is a ControlError,
+which the session turns into `421 unable to read controls (#4.3.0)`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from qspp.cdb import Cdb
+
+_RDONLY = os.O_RDONLY | os.O_NONBLOCK
+_CHUNK = 65536
+_MASK32 = 0xFFFFFFFF
+_MASK64 = 0xFFFFFFFFFFFFFFFF
+
+
+class ControlError(Exception):
+    """A control file exists but could not be read."""
+
+    def __init__(self, path, err: int) -> None:
+        super().__init__(path, err)
+        self.path = path
+        self.errno = err
+
+    def __str__(self) -> str:
+        path = os.fsdecode(self.path) if isinstance(self.path, bytes) else str(self.path)
+        return "unable to read %s: %s" % (path, os.strerror(self.errno))
+
+
+class NoLocalIPs(Exception):
+    """This host's interface addresses could not be listed."""
+
+
+def _open(path) -> int | None:
+    # O_NONBLOCK as qmail's open_read, so a FIFO in control/ cannot hang us.
+    try:
+        return os.open(path, _RDONLY)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise ControlError(path, e.errno) from None
+
+
+def _read_first_line(path) -> bytes | None:
+    fd = _open(path)
+    if fd is None:
+        return None
+    try:
+        # qmail reads only up to the first LF; stopping there keeps a read
+        # error further into the file from mattering, as it does not there.
+        chunks = []
+        while True:
+            chunk = os.read(fd, _CHUNK)
+            if not chunk:
+                return b"".join(chunks)
+            lf = chunk.find(b"\n")
+            if lf >= 0:
+                chunks.append(chunk[:lf])
+                return b"".join(chunks)
+            chunks.append(chunk)
+    except OSError as e:
+        raise ControlError(path, e.errno) from None
+    finally:
+        os.close(fd)
+
+
+def _read_all(path) -> bytes | None:
+    fd = _open(path)
+    if fd is None:
+        return None
+    try:
+        chunks = []
+        while True:
+            chunk = os.read(fd, _CHUNK)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+    except OSError as e:
+        raise ControlError(path, e.errno) from None
+    finally:
+        os.close(fd)
+
+
+def read_line(path) -> bytes | None:
+    """The `line` class: first line, trailing blanks stripped, CR kept."""
+    line = _read_first_line(path)
+    if line is None:
+        return None
+    return line.rstrip(b" \t")
+
+
+def scan_ulong(s: bytes) -> tuple[int, int]:
+    """(value, digits used) of s's leading ASCII digits, as djb's scan_ulong.
+
+    The value wraps modulo 2**64 like the C unsigned long it emulates.
+    """
+    n = 0
+    end = len(s)
+    while n < end and 0x30 <= s[n] <= 0x39:
+        n += 1
+    if not n:
+        return 0, 0
+    # 10**64 is a multiple of 2**64, so the last 64 digits decide the value;
+    # this also keeps int() clear of its digit limit.
+    return int(s[max(0, n - 64):n]) & _MASK64, n
+
+
+def _narrow(value: int, signed: bool) -> int:
+    # control_readint stores into a C int (databytes is read through an
+    # unsigned int), so only the low 32 bits survive.
+    value &= _MASK32
+    if signed and value >= 0x80000000:
+        value -= 0x100000000
+    return value
+
+
+def leading_int(s: bytes, signed: bool = False) -> int | None:
+    """s's leading ASCII digits as a 32-bit C int, or None if none."""
+    value, used = scan_ulong(s)
+    if not used:
+        return None
+    return _narrow(value, signed)
+
+
+def read_int(path, signed: bool = False) -> int | None:
+    """The `int` class: None if absent or no leading digit.
+
+    The value wraps to 32 bits, unsigned (databytes) or signed (timeoutsmtpd).
+    """
+    line = read_line(path)
+    if line is None:
+        return None
+    return leading_int(line, signed)
+
+
+def timeout_smtpd(value: int | None) -> int:
+    """Seconds per read/write from control/timeoutsmtpd's read_int value."""
+    if value is None:
+        return 1200
+    value = _narrow(value, True)
+    return value if value > 0 else 1
+
+
+def databytes(control_value: int | None, env_value: bytes | None) -> int:
+    """Effective databytes, 0 meaning unlimited.
+
+    control_value is read_int("control/databytes"); env_value is DATABYTES
+    as set (b"" counts as set and gives 0).
+    """
+    if env_value is not None:
+        value = scan_ulong(env_value)[0]
+    elif control_value is not None:
+        value = control_value
+    else:
+        value = 0
+    value &= _MASK32
+    # netqmail: `if (!(databytes + 1)) --databytes;` keeps the size arithmetic
+    # in DATA from wrapping.
+    if value == _MASK32:
+        value -= 1
+    return value
+
+
+def read_list(path) -> list[bytes] | None:
+    """The `list` class, as the entries qmail's constmap ends up holding.
+
+    control_readfile NUL-terminates each kept line and constmap splits the
+    result at NULs, so a NUL inside a line separates entries (possibly empty
+    ones) and a line starting with NUL is dropped like an empty one.
+    """
+    data = _read_all(path)
+    if data is None:
+        return None
+    entries = []
+    for line in data.split(b"\n"):
+        line = line.rstrip(b" \t")
+        if not line or line[0] == 0x23 or line[0] == 0:
+            continue
+        if b"\0" in line:
+            entries.extend(line.split(b"\0"))
+        else:
+            entries.append(line)
+    return entries
+
+
+RCPTHOSTS = "control/rcpthosts"
+MORERCPTHOSTS = "control/morercpthosts.cdb"
+BADMAILFROM = "control/badmailfrom"
+
+
+class Rcpthosts:
+    """rcpthosts plus morercpthosts.cdb; see allows()."""
+
+    __slots__ = ("_hosts", "_cdb", "_cdb_path")
+
+    def __init__(self, entries: list[bytes] | None, cdb: Cdb | None = None) -> None:
+        # None means rcpthosts is absent: everything is allowed and the cdb
+        # is ignored, as rcpthosts.c never opens it then.
+        self._hosts = None if entries is None else {e.lower() for e in entries}
+        self._cdb = cdb if entries is not None else None
+        self._cdb_path = getattr(cdb, "path", MORERCPTHOSTS)
+
+    @classmethod
+    def load(cls, rcpthosts=RCPTHOSTS, morercpthosts=MORERCPTHOSTS) -> Rcpthosts:
+        entries = read_list(rcpthosts)
+        if entries is None:
+            return cls(None)
+        try:
+            cdb = Cdb.open(morercpthosts)
+        except OSError as e:
+            raise ControlError(morercpthosts, e.errno) from None
+        return cls(entries, cdb)
+
+    @property
+    def present(self) -> bool:
+        return self._hosts is not None
+
+    def allows(self, addr: bytes) -> bool:
+        hosts = self._hosts
+        if hosts is None:
+            return True
+        at = addr.rfind(b"@")
+        if at < 0:
+            return True
+        domain = addr[at + 1:].lower()
+        # The domain, then every suffix that starts at a dot, longest first.
+        candidates = [domain] if domain else []
+        dot = domain.find(b".", 1)
+        while dot >= 0:
+            candidates.append(domain[dot:])
+            dot = domain.find(b".", dot + 1)
+        for c in candidates:
+            if c in hosts:
+                return True
+        cdb = self._cdb
+        if cdb is not None:
+            try:
+                for c in candidates:
+                    if c in cdb:
+                        return True
+            except OSError as e:
+                raise ControlError(self._cdb_path, e.errno) from None
+        return False
+
+    def close(self) -> None:
+        if self._cdb is not None:
+            self._cdb.close()
+            self._cdb = None
+
+
+class Badmailfrom:
+    """badmailfrom entries; flags() is netqmail's bmfcheck()."""
+
+    __slots__ = ("_entries",)
+
+    def __init__(self, entries: list[bytes] | None) -> None:
+        self._entries = None if entries is None else {e.lower() for e in entries}
+
+    @classmethod
+    def load(cls, path=BADMAILFROM) -> Badmailfrom:
+        return cls(read_list(path))
+
+    @property
+    def present(self) -> bool:
+        return self._entries is not None
+
+    def flags(self, sender: bytes) -> bool:
+        entries = self._entries
+        if not entries:
+            return False
+        # An empty sender is looked up like any other and so can only match
+        # an empty entry, which read_list yields only from a NUL in the file.
+        if sender.lower() in entries:
+            return True
+        at = sender.rfind(b"@")
+        return at >= 0 and sender[at:].lower() in entries
+
+
+# ---- this host's IPv4 addresses (localiphost, spec 5.4) ----
+
+_local_ips: frozenset | None = None
+
+_SIOCGIFCONF = 0x8912
+_SIOCGIFFLAGS = 0x8913
+_IFF_UP = 0x1
+_IFNAMSIZ = 16
+
+
+def _list_interfaces() -> frozenset:
+    # qmail's ipme_init(): SIOCGIFCONF for every IPv4 address, kept when
+    # SIOCGIFFLAGS says its interface is up, plus 0.0.0.0 always.  The
+    # modules are imported here because only an address literal needs them.
+    if not sys.platform.startswith("linux"):
+        raise NoLocalIPs("interface listing is implemented for Linux only")
+    try:
+        import _socket
+        import array
+        import fcntl
+        import struct
+    except ImportError as e:
+        raise NoLocalIPs(str(e)) from None
+
+    # struct ifreq: the name, then a union whose largest member is struct
+    # ifmap (24 bytes on LP64, 16 on ILP32) or a struct sockaddr (16).
+    ifreq_size = _IFNAMSIZ + max(16, struct.calcsize("LLHBBB0L"))
+    try:
+        sock = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)
+    except OSError as e:
+        raise NoLocalIPs(str(e)) from None
+    try:
+        fd = sock.fileno()
+        size = 256
+        while True:
+            buf = array.array("B", bytes(size))
+            ifconf = struct.pack("iP", size, buf.buffer_info()[0])
+            try:
+                used = struct.unpack("iP", fcntl.ioctl(fd, _SIOCGIFCONF, ifconf))[0]
+            except OSError:
+                used = None
+            # Linux silently truncates the list to the buffer; like qmail,
+            # trust it only with room to spare.
+            if used is not None and used + ifreq_size + 64 < size:
+                break
+            if size > 200000:
+                raise NoLocalIPs("SIOCGIFCONF failed")
+            size += 100 + (size >> 2)
+        data = buf.tobytes()[:used]
+        found = {b"0.0.0.0"}
+        for off in range(0, len(data) - ifreq_size + 1, ifreq_size):
+            rec = data[off:off + ifreq_size]
+            family = struct.unpack("H", rec[16:18])[0]
+            if family != _socket.AF_INET:
+                continue
+            ip = b"%d.%d.%d.%d" % tuple(rec[20:24])
+            req = rec[:_IFNAMSIZ] + bytes(ifreq_size - _IFNAMSIZ)
+            try:
+                flags = struct.unpack("h", fcntl.ioctl(fd, _SIOCGIFFLAGS, req)[16:18])[0]
+            except OSError:
+                continue
+            if flags & _IFF_UP:
+                found.add(ip)
+        return frozenset(found)
+    finally:
+        sock.close()
+
+
+def local_ipv4_addresses() -> frozenset:
+    """This host's up IPv4 addresses as b"a.b.c.d", listed once; NoLocalIPs."""
+    global _local_ips
+    if _local_ips is None:
+        _local_ips = _list_interfaces()
+    return _local_ips
+
+
+def local_ipv4(addr: bytes) -> bool:
+    """is_local_ip for address.parse: addr is normalised b"a.b.c.d"."""
+    return addr in local_ipv4_addresses()
+
+
+is_local_ip = local_ipv4
