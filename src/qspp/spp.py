@@ -35,6 +35,7 @@ class SppEngine:
         self.timeout = timeout
         self._runner = runner
         self.header_buffer = bytearray()
+        self.body_buffer = bytearray()  # H from [body]: after the 354-time headers
         self.queues = {"mail": _Queue(), "rcpt": _Queue(), "data": _Queue()}
         self.rcptcount = 0
         self.rcptcountall = 0
@@ -88,8 +89,20 @@ class SppEngine:
             return pending
         return self._run("data")
 
+    def wants_body(self) -> bool:
+        """Decided at 354: spool the message for [body] plugins?"""
+        return self.on and bool(self.sections.get("body"))
+
+    def body(self, fd: int):
+        """[body] with the spooled message on fd 0 (spp.md §6.1)."""
+        self.body_buffer = bytearray()
+        return self._run("body", fd)
+
     def headers(self) -> bytes:
         return bytes(self.header_buffer)
+
+    def body_headers(self) -> bytes:
+        return bytes(self.body_buffer)
 
     def reset(self) -> None:
         """The spp reset: RSET, and right after 354 (spp.md §5.3)."""
@@ -108,7 +121,7 @@ class SppEngine:
         q.shown = True
         return REFUSED, q.text
 
-    def _run(self, phase: str):
+    def _run(self, phase: str, stdin_fd=None):
         entries = self.sections.get(phase)
         if not entries or not self.on:
             return CONTINUE, b""
@@ -116,7 +129,7 @@ class SppEngine:
         self._text = bytearray()
         verdict = CONTINUE
         for entry in entries:
-            result = self._runner(entry, self.env, self.timeout, None, self._apply)
+            result = self._runner(entry, self.env, self.timeout, stdin_fd, self._apply)
             term = result.terminator
             if result.failure is not None:
                 log(b"plugin " + entry + b": " + result.failure)
@@ -140,7 +153,10 @@ class SppEngine:
         if cmd == b"P":
             self._text += text + b"\r\n"
         elif cmd == b"H":
-            self.header_buffer += text + b"\n"
+            if self._phase == "body":
+                self.body_buffer += text + b"\n"
+            else:
+                self.header_buffer += text + b"\n"
         elif cmd == b"S":
             eq = text.find(b"=")
             if eq <= 0:

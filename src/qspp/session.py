@@ -1,0 +1,339 @@
+"""The SMTP state machine of qmail-smtpd, without I/O.
+
+The I/O loop hands `Session` one command line at a time (`command`) or raw DATA
+bytes (`data`), and sends whatever has collected in `out` before its next read
+(which alone makes pipelining work, spec §4.2).  The session never reads a
+socket or sleeps; plugin runs and the queue are reached through the engine and
+the queue factory it was given, so tests can drive it with fakes.
+"""
+
+from . import replies
+from .address import parse as addrparse
+from .control import ControlError, NoLocalIPs
+from .message import MessageReader
+
+# session.state
+COMMAND = 0
+DATA = 1
+CLOSED = 2
+
+# engine verdicts (spp.md terms)
+CONTINUE = 0
+OVERRIDE = 1
+REFUSED = 2
+CLOSE = 3
+
+MAX_COMMAND = 65536  # bytes before LF, CR included (spec §2.7, D4)
+MAX_ENVELOPE = 16 << 20  # bytes qmail-queue would read on fd 1 (spec §2.7, D4)
+
+
+class Fatal(Exception):
+    """Ends the connection after `reply`, exit status 1 (spec's "fatal 421")."""
+
+    def __init__(self, reply: bytes, why: str = ""):
+        Exception.__init__(self, reply)
+        self.reply = reply
+        self.why = why
+
+
+class Session:
+    def __init__(self, settings, env, engine, start_queue, clock, start_spool=None):
+        self.settings = settings
+        self.env = env  # the environment every later child gets (spec §2.4)
+        self.engine = engine
+        self.start_queue = start_queue  # (env) -> queue; raises QueueStartError
+        self.clock = clock
+        self.start_spool = start_spool  # (env) -> spool.Spool, for [body] plugins
+        self.out = bytearray()
+        self.flush_soon = False
+        self.state = COMMAND
+        self.exit_status = 0
+        self.helo_name = None
+        self.relay = settings.relayclient  # the relay right and its suffix, §5.5
+        self.protocol = b"SMTP"
+        self.remoteinfo = settings.remoteinfo
+        self._close_transaction()
+        self.reader = None
+        self.queue = None
+        self.spool = None
+        self._verbs = {
+            b"helo": self.helo,
+            b"ehlo": self.ehlo,
+            b"mail": self.mail,
+            b"rcpt": self.rcpt,
+            b"data": self.data_command,
+            b"rset": self.rset,
+            b"noop": self.noop,
+            b"vrfy": self.vrfy,
+            b"help": self.help,
+            b"quit": self.quit,
+        }
+
+    # -- output -------------------------------------------------------------
+
+    def reply(self, text: bytes, flush: bool = False) -> None:
+        self.out += text
+        self.out += b"\r\n"
+        if flush:
+            self.flush_soon = True
+
+    def close(self, status: int) -> None:
+        self.state = CLOSED
+        self.exit_status = status
+        self.flush_soon = True
+
+    def fatal(self, err: Fatal) -> None:
+        self.reply(err.reply)
+        self.close(1)
+
+    # -- connection ---------------------------------------------------------
+
+    def start(self) -> None:
+        """Run the connection hook and greet (spec §3 steps 4-5)."""
+        verdict, text = self.engine.connection()
+        self.out += text
+        if verdict == CLOSE:
+            self.close(0)
+        elif verdict != REFUSED:
+            self.reply(replies.greeting(self.settings.greeting), flush=True)
+
+    def command(self, line: bytes) -> None:
+        """One client line, without its LF (spec §4.1)."""
+        if line[-1:] == b"\r":
+            line = line[:-1]
+        nul = line.find(b"\0")
+        if nul >= 0:
+            line = line[:nul]
+        space = line.find(b" ")
+        if space < 0:
+            verb, arg = line, b""
+        else:
+            verb, arg = line[:space], line[space:].lstrip(b" ")
+        handler = self._verbs.get(verb.lower())
+        try:
+            if handler is None:
+                self.reply(replies.UNIMPLEMENTED, flush=True)
+            else:
+                handler(arg)
+        except Fatal as err:
+            self.fatal(err)
+
+    def _close_transaction(self) -> None:
+        self.mail_seen = False
+        self.sender = b""
+        self.flagged = False
+        self.recipients = []
+        self.envelope_size = 0
+
+    # -- verbs --------------------------------------------------------------
+
+    def helo(self, arg: bytes) -> None:
+        self._helo(arg, ehlo=False)
+
+    def ehlo(self, arg: bytes) -> None:
+        self._helo(arg, ehlo=True)
+
+    def _helo(self, arg: bytes, ehlo: bool) -> None:
+        if self._stopped(self.engine.helo(arg)):
+            return
+        self.helo_name = arg
+        self._close_transaction()
+        g = self.settings.greeting
+        if ehlo:
+            self.reply(b"250-" + g)
+            self.reply(b"250-PIPELINING")
+            self.reply(b"250 8BITMIME", flush=True)
+        else:
+            self.reply(replies.helo(g), flush=True)
+
+    def _stopped(self, outcome) -> bool:
+        """Sends a hook's text; True when it refused the command or closed."""
+        verdict, text = outcome
+        self.out += text
+        if verdict == REFUSED:
+            self.flush_soon = True
+            return True
+        if verdict == CLOSE:
+            self.close(0)
+            return True
+        return False
+
+    def _address(self, arg: bytes):
+        s = self.settings
+        try:
+            return addrparse(arg, s.localiphost, s.is_local_ip)
+        except NoLocalIPs as e:
+            raise Fatal(replies.MY_IP, "cannot list local IP addresses: %s" % (e,))
+
+    def mail(self, arg: bytes) -> None:
+        sender = self._address(arg)
+        if sender is None:
+            self.reply(replies.SYNTAX)
+            return
+        outcome = self.engine.mail(sender)
+        if self._stopped(outcome):
+            return
+        verdict = outcome[0]
+        sender = self.engine.address
+        self._close_transaction()
+        self.mail_seen = True
+        self.sender = sender
+        self.flagged = verdict != OVERRIDE and self.settings.badmailfrom.flags(sender)
+        # F sender \0, plus the final \0
+        self.envelope_size = len(sender) + 3
+        self.reply(replies.OK)
+
+    def rcpt(self, arg: bytes) -> None:
+        if not self.mail_seen:
+            self.reply(replies.MAIL_FIRST)
+            return
+        recipient = self._address(arg)
+        if recipient is None:
+            self.reply(replies.SYNTAX)
+            return
+        if self.flagged:
+            self.reply(replies.BADMAILFROM)
+            return
+        try:
+            hostsok = self.relay is not None or self.settings.rcpthosts.allows(recipient)
+        except ControlError as e:
+            raise Fatal(replies.CONTROLS, str(e))
+        outcome = self.engine.rcpt(recipient, hostsok)
+        if self._stopped(outcome):
+            return
+        verdict = outcome[0]
+        recipient = self.engine.address
+        if verdict == CONTINUE and not hostsok:
+            self.reply(replies.RCPTHOSTS)
+            return
+        if self.relay is not None:
+            recipient += self.relay
+        self.envelope_size += len(recipient) + 2
+        if self.envelope_size > MAX_ENVELOPE:
+            raise Fatal(replies.OUT_OF_MEMORY, "envelope over 16 MiB")
+        self.recipients.append(recipient)
+        self.engine.rcpt_accepted()
+        self.reply(replies.OK)
+
+    def data_command(self, arg: bytes) -> None:
+        if not self.mail_seen:
+            self.reply(replies.MAIL_FIRST, flush=True)
+            return
+        if not self.recipients:
+            self.reply(replies.RCPT_FIRST, flush=True)
+            return
+        if self._stopped(self.engine.data()):
+            return
+        envelope = self._envelope()
+        self._close_transaction()
+        if self.engine.wants_body():
+            # spp.md §6.1: qmail-queue starts only once [body] lets the message through
+            self.spool = sink = self.start_spool(self.env)
+        else:
+            try:
+                self.queue = sink = self.start_queue(self.env)
+            except OSError:
+                self.reply(replies.QQT_FAILURE, flush=True)
+                return
+        self.reply(replies.GO_AHEAD, flush=True)
+        self.envelope = envelope
+        sink.write(self._received() + self.engine.headers())
+        if self.spool is not None:
+            self.spool.mark()
+        self.engine.reset()
+        self.reader = MessageReader(self.settings.databytes)
+        self.state = DATA
+
+    def _envelope(self) -> bytes:
+        parts = [b"F", self.sender, b"\0"]
+        for r in self.recipients:
+            parts += (b"T", r, b"\0")
+        parts.append(b"\0")
+        return b"".join(parts)
+
+    def _received(self) -> bytes:
+        from .received import received
+        s = self.settings
+        return received(s.remotehost, self.helo_name, self.remoteinfo, s.remoteip,
+                        s.localhost, self.protocol, self.clock())
+
+    def rset(self, arg: bytes) -> None:
+        self._close_transaction()
+        self.engine.reset()
+        self.reply(replies.FLUSHED)
+
+    def noop(self, arg: bytes) -> None:
+        self.reply(replies.OK, flush=True)
+
+    def vrfy(self, arg: bytes) -> None:
+        self.reply(replies.VRFY, flush=True)
+
+    def help(self, arg: bytes) -> None:
+        self.reply(replies.HELP, flush=True)
+
+    def quit(self, arg: bytes) -> None:
+        self.reply(replies.quit(self.settings.greeting))
+        self.close(0)
+
+    # -- DATA ---------------------------------------------------------------
+
+    def data(self, buf) -> int:
+        """Feed raw message bytes; returns how many belonged to the message."""
+        reader = self.reader
+        used = reader.feed(buf)
+        chunk = reader.take()
+        if chunk:
+            (self.spool or self.queue).write(chunk)
+        if reader.bare_lf:
+            self.abort()
+            self.reply(replies.BARE_LF)
+            self.close(1)
+        elif reader.done:
+            if reader.too_many_hops:
+                self.abort()
+                self.reply(replies.TOO_MANY_HOPS, flush=True)
+            elif reader.too_big:
+                self.abort()
+                self.reply(replies.DATABYTES, flush=True)
+            elif self.spool is not None:
+                self._judge_body()
+            else:
+                queue, self.queue = self.queue, None
+                self.reply(queue.finish(self.envelope), flush=True)
+            self.reader = None
+            if self.state == DATA:
+                self.state = COMMAND
+        return used
+
+    def _judge_body(self) -> None:
+        """Run [body] on the spooled message, then queue it if let through."""
+        spool, self.spool = self.spool, None
+        try:
+            if spool.failed:
+                self.reply(replies.spp_failure(b"[body]", b"can't spool message"), flush=True)
+                return
+            if self._stopped(self.engine.body(spool.reader)):
+                return
+            try:
+                queue = self.start_queue(self.env)
+            except OSError:
+                self.reply(replies.QQT_FAILURE, flush=True)
+                return
+            try:
+                spool.copy_to(queue, self.engine.body_headers())
+            except OSError:
+                queue.finish(None)
+                self.reply(replies.spp_failure(b"[body]", b"can't spool message"), flush=True)
+                return
+            self.reply(queue.finish(self.envelope), flush=True)
+        finally:
+            spool.close()
+
+    def abort(self) -> None:
+        """End a message that will not be queued: no envelope byte (spec §2.6)."""
+        if self.queue is not None:
+            self.queue.finish(None)
+            self.queue = None
+        if self.spool is not None:
+            self.spool.close()
+            self.spool = None

@@ -1,0 +1,194 @@
+"""`python -m qspp.smtpd`: qmail-smtpd on fd 0/1, as tcpserver runs it.
+
+This is the thin I/O loop around `Session`: it reads in blocks, splits command
+lines, feeds DATA bytes, writes pending replies before every read that could
+block, and enforces timeoutsmtpd on each read and write (spec §4.2, §7).
+Every connection under tcpserver starts a new interpreter and pays for every
+import here, so only what each connection needs is imported.
+"""
+
+import os
+import sys
+
+import _signal
+from select import select
+
+from . import replies
+from .diag import log
+from .session import COMMAND, DATA, CLOSED, MAX_COMMAND, Fatal, Session
+
+READ_SIZE = 131072
+
+
+class _Exit(Exception):
+    def __init__(self, status: int):
+        Exception.__init__(self, status)
+        self.status = status
+
+
+class Connection:
+    """Reads and writes fds 0/1 for one session under the per-I/O timeout."""
+
+    def __init__(self, session, timeout, rfd=0, wfd=1):
+        self.session = session
+        self.timeout = timeout
+        self.rfd = rfd
+        self.wfd = wfd
+
+    def flush(self) -> None:
+        out = self.session.out
+        if not out:
+            return
+        data = bytes(out)
+        out.clear()
+        self.session.flush_soon = False
+        view = memoryview(data)
+        try:
+            while view:
+                if not select((), (self.wfd,), (), self.timeout)[1]:
+                    raise _Exit(1)  # write timeout: silently, spec §7
+                view = view[os.write(self.wfd, view):]
+        except OSError:
+            raise _Exit(1)
+
+    def read(self) -> bytes:
+        self.flush()
+        try:
+            if not select((self.rfd,), (), (), self.timeout)[0]:
+                self.session.abort()
+                self.session.reply(replies.TIMEOUT)
+                self.flush()
+                raise _Exit(1)
+            data = os.read(self.rfd, READ_SIZE)
+        except OSError:
+            self.session.abort()
+            raise _Exit(1)
+        if not data:
+            # EOF anywhere: no reply, exit 1, a message in progress is dropped
+            self.session.abort()
+            raise _Exit(1)
+        return data
+
+    def run(self) -> int:
+        session = self.session
+        try:
+            buf = b""
+            pos = 0
+            while session.state != CLOSED:
+                if session.flush_soon:
+                    self.flush()
+                if session.state == COMMAND:
+                    lf = buf.find(b"\n", pos)
+                    if lf < 0:
+                        if len(buf) - pos > MAX_COMMAND:
+                            raise Fatal(replies.OUT_OF_MEMORY, "command line over 64 KiB")
+                        buf = buf[pos:] + self.read()
+                        pos = 0
+                        continue
+                    if lf - pos > MAX_COMMAND:
+                        raise Fatal(replies.OUT_OF_MEMORY, "command line over 64 KiB")
+                    line = buf[pos:lf]
+                    pos = lf + 1
+                    session.command(line)
+                else:
+                    if pos < len(buf):
+                        pos += session.data(memoryview(buf)[pos:])
+                    if session.state == DATA:
+                        buf = self.read()
+                        pos = 0
+            self.flush()
+            return session.exit_status
+        except Fatal as err:
+            session.abort()
+            session.fatal(err)
+            if err.why:
+                log(err.why)
+            try:
+                self.flush()
+            except _Exit:
+                pass
+            return 1
+        except _Exit as ex:
+            return ex.status
+        except MemoryError:
+            session.abort()
+            session.out.clear()
+            session.reply(replies.OUT_OF_MEMORY)
+            try:
+                self.flush()
+            except _Exit:
+                pass
+            return 1
+
+
+def _startup_fatal(reply: bytes, why) -> int:
+    if why:
+        log(why)
+    try:
+        os.write(1, reply + b"\r\n")
+    except OSError:
+        pass
+    return 1
+
+
+def run(argv, environ) -> int:
+    """One connection, fds 0/1; returns the exit status (spec §2.5)."""
+    from . import control, startup, spp, sppconfig
+    from .spprun import run_entry, cloexec_inherited_fds
+    from .queue import Queue, QueueStartError, queue_program
+    import time
+
+    home = environ.get(b"QMAILHOME") or b"/var/qmail"
+    try:
+        os.chdir(home)
+    except OSError as e:
+        return _startup_fatal(replies.CONTROLS, "cannot chdir to %s: %s" % (
+            home.decode("utf-8", "replace"), e.strerror))
+    env = dict(environ)
+    # no child may inherit a descriptor qspp did not give it (spec §2.4)
+    cloexec_inherited_fds()
+    try:
+        settings = startup.load(env)
+        config = sppconfig.load_config(env)
+    except control.ControlError as e:
+        return _startup_fatal(replies.CONTROLS, str(e))
+    except sppconfig.SppConfigError as e:
+        return _startup_fatal(replies.CONTROLS, e.text)
+    if config is not None and config.missing:
+        log(config.message)
+    timeout, warning = sppconfig.spptimeout(env)
+    if warning:
+        log(warning)
+    engine = spp.SppEngine(config, env, timeout, run_entry)
+
+    def start_queue(env):
+        try:
+            return Queue.start(queue_program(env), env)
+        except QueueStartError as e:
+            log("cannot start the queue: %s" % (e,))
+            raise OSError()
+
+    def start_spool(env):
+        from .spool import Spool
+        return Spool.create(env)
+
+    session = Session(settings, env, engine, start_queue, time.time, start_spool)
+    try:
+        session.start()
+    except Fatal as err:
+        session.fatal(err)
+    return Connection(session, settings.timeout).run()
+
+
+def main() -> None:
+    _signal.signal(_signal.SIGPIPE, _signal.SIG_IGN)
+    try:
+        status = run(sys.argv[1:], os.environb)
+    except Exception as e:  # spec §2.5: nothing more sent, one stderr line
+        log("internal error: %s: %s" % (type(e).__name__, e))
+        status = 1
+    os._exit(status)
+
+
+if __name__ == "__main__":
+    main()
