@@ -44,10 +44,12 @@ class Session:
         self.start_queue = start_queue  # (env) -> queue; raises QueueStartError
         self.clock = clock
         self.start_spool = start_spool  # (env) -> spool.Spool, for [body] plugins
+        self.journal = None  # spplog.Journal when SPPLOG is set
         self.out = bytearray()
         self.flush_soon = False
         self.state = COMMAND
         self.exit_status = 0
+        self.end = "eof"  # how the connection ended, for the SPPLOG summary
         self.helo_name = None
         self.relay = settings.relayclient  # the relay right and its suffix, §5.5
         self.protocol = b"SMTP"
@@ -77,14 +79,15 @@ class Session:
         if flush:
             self.flush_soon = True
 
-    def close(self, status: int) -> None:
+    def close(self, status: int, end: str) -> None:
         self.state = CLOSED
         self.exit_status = status
+        self.end = end
         self.flush_soon = True
 
     def fatal(self, err: Fatal) -> None:
         self.reply(err.reply)
-        self.close(1)
+        self.close(1, "fatal: " + err.reply.decode("ascii", "replace"))
 
     # -- connection ---------------------------------------------------------
 
@@ -93,7 +96,7 @@ class Session:
         verdict, text = self.engine.connection()
         self.out += text
         if verdict == CLOSE:
-            self.close(0)
+            self.close(0, "closed by " + self.engine.refuser.decode("utf-8", "replace"))
         elif verdict != REFUSED:
             self.reply(replies.greeting(self.settings.greeting), flush=True)
 
@@ -146,17 +149,24 @@ class Session:
         else:
             self.reply(replies.helo(g), flush=True)
 
-    def _stopped(self, outcome) -> bool:
+    def _stopped(self, outcome, trail=None, subject=None) -> bool:
         """Sends a hook's text; True when it refused the command or closed."""
         verdict, text = outcome
         self.out += text
+        if verdict != REFUSED and verdict != CLOSE:
+            return False
+        if trail is not None:
+            self._trail(trail, subject, text, self.engine.refuser)
         if verdict == REFUSED:
             self.flush_soon = True
-            return True
-        if verdict == CLOSE:
-            self.close(0)
-            return True
-        return False
+        else:
+            self.close(0, "closed by " + self.engine.refuser.decode("utf-8", "replace"))
+        return True
+
+    def _trail(self, kind, *args) -> None:
+        """Tell the SPPLOG journal (if any) what became of a command."""
+        if self.journal is not None:
+            getattr(self.journal, kind)(*args)
 
     def _address(self, arg: bytes):
         s = self.settings
@@ -169,9 +179,10 @@ class Session:
         sender = self._address(arg)
         if sender is None:
             self.reply(replies.SYNTAX)
+            self._trail("mail", arg, replies.SYNTAX, b"qmail")
             return
         outcome = self.engine.mail(sender)
-        if self._stopped(outcome):
+        if self._stopped(outcome, "mail", sender):
             return
         verdict = outcome[0]
         sender = self.engine.address
@@ -182,6 +193,7 @@ class Session:
         # F sender \0, plus the final \0
         self.envelope_size = len(sender) + 3
         self.reply(replies.OK)
+        self._trail("mail", sender, replies.OK, b"qmail")
 
     def rcpt(self, arg: bytes) -> None:
         if not self.mail_seen:
@@ -193,18 +205,20 @@ class Session:
             return
         if self.flagged:
             self.reply(replies.BADMAILFROM)
+            self._trail("rcpt", recipient, replies.BADMAILFROM, b"qmail")
             return
         try:
             hostsok = self.relay is not None or self.settings.rcpthosts.allows(recipient)
         except ControlError as e:
             raise Fatal(replies.CONTROLS, str(e))
         outcome = self.engine.rcpt(recipient, hostsok)
-        if self._stopped(outcome):
+        if self._stopped(outcome, "rcpt", recipient):
             return
         verdict = outcome[0]
         recipient = self.engine.address
         if verdict == CONTINUE and not hostsok:
             self.reply(replies.RCPTHOSTS)
+            self._trail("rcpt", recipient, replies.RCPTHOSTS, b"qmail")
             return
         if self.relay is not None:
             recipient += self.relay
@@ -214,6 +228,8 @@ class Session:
         self.recipients.append(recipient)
         self.engine.rcpt_accepted()
         self.reply(replies.OK)
+        self._trail("rcpt", recipient, replies.OK,
+                    self.engine.refuser if verdict == OVERRIDE else b"qmail")
 
     def data_command(self, arg: bytes) -> None:
         if not self.mail_seen:
@@ -222,7 +238,7 @@ class Session:
         if not self.recipients:
             self.reply(replies.RCPT_FIRST, flush=True)
             return
-        if self._stopped(self.engine.data()):
+        if self._stopped(self.engine.data(), "message"):
             return
         envelope = self._envelope()
         self._close_transaction()
@@ -234,6 +250,7 @@ class Session:
                 self.queue = sink = self.start_queue(self.env)
             except OSError:
                 self.reply(replies.QQT_FAILURE, flush=True)
+                self._trail("message", None, replies.QQT_FAILURE, b"queue")
                 return
         self.reply(replies.GO_AHEAD, flush=True)
         self.envelope = envelope
@@ -273,7 +290,7 @@ class Session:
 
     def quit(self, arg: bytes) -> None:
         self.reply(replies.quit(self.settings.greeting))
-        self.close(0)
+        self.close(0, "quit")
 
     # -- DATA ---------------------------------------------------------------
 
@@ -286,46 +303,52 @@ class Session:
             (self.spool or self.queue).write(chunk)
         if reader.bare_lf:
             self.abort()
-            self.reply(replies.BARE_LF)
-            self.close(1)
+            self._end(replies.BARE_LF, b"qmail")
+            self.close(1, "bare LF")
         elif reader.done:
             if reader.too_many_hops:
                 self.abort()
-                self.reply(replies.TOO_MANY_HOPS, flush=True)
+                self._end(replies.TOO_MANY_HOPS, b"qmail")
             elif reader.too_big:
                 self.abort()
-                self.reply(replies.DATABYTES, flush=True)
+                self._end(replies.DATABYTES, b"qmail")
             elif self.spool is not None:
                 self._judge_body()
             else:
                 queue, self.queue = self.queue, None
-                self.reply(queue.finish(self.envelope), flush=True)
+                self._end(queue.finish(self.envelope), b"queue")
             self.reader = None
             if self.state == DATA:
                 self.state = COMMAND
         return used
 
+    def _end(self, reply: bytes, by: bytes) -> None:
+        """The one reply after a message (spec §6.6)."""
+        self.reply(reply, flush=True)
+        self._trail("message", self.reader.size, reply, by)
+
     def _judge_body(self) -> None:
         """Run [body] on the spooled message, then queue it if let through."""
         spool, self.spool = self.spool, None
+        cant_spool = replies.spp_failure(b"[body]", b"can't spool message")
         try:
             if spool.failed:
-                self.reply(replies.spp_failure(b"[body]", b"can't spool message"), flush=True)
+                self._end(cant_spool, b"qspp")
                 return
-            if self._stopped(self.engine.body(spool.reader)):
+            if self._stopped(self.engine.body(spool.reader), "message", self.reader.size):
                 return
             try:
                 queue = self.start_queue(self.env)
             except OSError:
-                self.reply(replies.QQT_FAILURE, flush=True)
+                self._end(replies.QQT_FAILURE, b"queue")
                 return
             try:
                 spool.copy_to(queue, self.engine.body_headers())
             except OSError:
                 queue.finish(None)
-                self.reply(replies.spp_failure(b"[body]", b"can't spool message"), flush=True)
+                self._end(cant_spool, b"qspp")
                 return
-            self.reply(queue.finish(self.envelope), flush=True)
+            self._end(queue.finish(self.envelope), b"queue")
         finally:
             spool.close()
 

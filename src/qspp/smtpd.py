@@ -21,9 +21,10 @@ READ_SIZE = 131072
 
 
 class _Exit(Exception):
-    def __init__(self, status: int):
+    def __init__(self, status: int, end: str):
         Exception.__init__(self, status)
         self.status = status
+        self.end = end
 
 
 class Connection:
@@ -46,10 +47,10 @@ class Connection:
         try:
             while view:
                 if not select((), (self.wfd,), (), self.timeout)[1]:
-                    raise _Exit(1)  # write timeout: silently, spec §7
+                    raise _Exit(1, "write timeout")  # silently, spec §7
                 view = view[os.write(self.wfd, view):]
         except OSError:
-            raise _Exit(1)
+            raise _Exit(1, "write error")
 
     def read(self) -> bytes:
         self.flush()
@@ -58,15 +59,15 @@ class Connection:
                 self.session.abort()
                 self.session.reply(replies.TIMEOUT)
                 self.flush()
-                raise _Exit(1)
+                raise _Exit(1, "timeout")
             data = os.read(self.rfd, READ_SIZE)
         except OSError:
             self.session.abort()
-            raise _Exit(1)
+            raise _Exit(1, "read error")
         if not data:
             # EOF anywhere: no reply, exit 1, a message in progress is dropped
             self.session.abort()
-            raise _Exit(1)
+            raise _Exit(1, "eof")
         return data
 
     def run(self) -> int:
@@ -109,11 +110,12 @@ class Connection:
                 pass
             return 1
         except _Exit as ex:
+            session.end = ex.end
             return ex.status
         except MemoryError:
             session.abort()
             session.out.clear()
-            session.reply(replies.OUT_OF_MEMORY)
+            session.fatal(Fatal(replies.OUT_OF_MEMORY))
             try:
                 self.flush()
             except _Exit:
@@ -159,7 +161,11 @@ def run(argv, environ) -> int:
     timeout, warning = sppconfig.spptimeout(env)
     if warning:
         log(warning)
-    engine = spp.SppEngine(config, env, timeout, run_entry)
+    journal = None
+    if env.get(b"SPPLOG"):
+        from .spplog import Journal
+        journal = Journal(env[b"SPPLOG"])
+    engine = spp.SppEngine(config, env, timeout, run_entry, journal)
 
     def start_queue(env):
         try:
@@ -173,11 +179,15 @@ def run(argv, environ) -> int:
         return Spool.create(env)
 
     session = Session(settings, env, engine, start_queue, time.time, start_spool)
+    session.journal = journal
     try:
         session.start()
     except Fatal as err:
         session.fatal(err)
-    return Connection(session, settings.timeout).run()
+    status = Connection(session, settings.timeout).run()
+    if journal is not None:
+        journal.summary(settings, session.helo_name, session.end)
+    return status
 
 
 def main() -> None:

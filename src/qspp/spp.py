@@ -27,13 +27,15 @@ class _Queue:
 
 
 class SppEngine:
-    def __init__(self, config, env, timeout=60, runner=None):
+    def __init__(self, config, env, timeout=60, runner=None, journal=None):
         # config: sppconfig.Config, or None when NOSPP turned plugins off
         self.sections = config.sections if config is not None else {}
         self.on = config is not None
         self.env = env
         self.timeout = timeout
         self._runner = runner
+        self.journal = journal  # spplog.Journal when SPPLOG asks for run lines
+        self.refuser = b""  # who gave the last refused/close verdict, for the log
         self.header_buffer = bytearray()
         self.body_buffer = bytearray()  # H from [body]: after the 354-time headers
         self.queues = {"mail": _Queue(), "rcpt": _Queue(), "data": _Queue()}
@@ -119,6 +121,7 @@ class SppEngine:
         if not q.text:
             return None
         q.shown = True
+        self.refuser = b"deferred L" + phase[:1].upper().encode()
         return REFUSED, q.text
 
     def _run(self, phase: str, stdin_fd=None):
@@ -132,7 +135,13 @@ class SppEngine:
             result = self._runner(entry, self.env, self.timeout, stdin_fd, self._apply)
             term = result.terminator
             if result.failure is not None:
-                log(b"plugin " + entry + b": " + result.failure)
+                log(b"qmail-spp failure: [%s] %s: %s%s" % (
+                    phase.encode(), entry, result.failure,
+                    b"" if term is None else b" (after " + term[:1] + b", which stands)"))
+            if self.journal is not None:
+                label = term[:1] if term is not None else (result.failure or b"-")
+                self.journal.run(phase, entry, label, result.exit_status, result.elapsed_ms)
+            self.refuser = b"plugin " + entry
             if term is not None:
                 verdict = _TERMINATORS[term[:1]]
                 if term[:1] in b"ER":
