@@ -1,0 +1,235 @@
+"""A qmail-queue stand-in that delivers into one Maildir.
+
+Run as `python -m qspp.maildirqueue` with the message on fd 0 and the envelope on
+fd 1 (`F` sender `\\0`, `T` recipient `\\0` ..., `\\0`), exactly like qmail-queue.
+Useful where no qmail is installed: qspp then works as a plain SMTP sink.
+
+Delivery: one file per message, whatever the number of recipients, written by the
+maildir protocol (tmp/ with a unique name, fsync, rename into new/).  The file is
+
+    Return-Path: <sender>
+    X-Envelope-To: <recipient>          (one line per recipient, envelope order)
+    <the message bytes exactly as received>
+
+Return-Path is what qmail-local writes.  The recipients do not go in Delivered-To:
+lines, as qmail-local would write for a single delivery: qmail-smtpd counts every
+Delivered-To line as a hop, so a message for many recipients, passed on once,
+would bounce as looping.
+
+Maildir: $QSPP_MAILDIR, else ./Maildir (qspp runs the queue with cwd = its home).
+tmp/, new/ and cur/ are created when missing.
+
+Exit codes, as qmail-queue's: 0 delivered; 11 an address of 1003 bytes or more
+(qmail-queue's limit); 53 write error or disk full; 54 read error (including an
+envelope cut short, which is how qspp aborts a message); 61 the Maildir cannot be
+created or entered; 62 the file cannot be created or moved into new/; 81 any
+other failure; 91 malformed envelope.  Nothing is left in the Maildir on failure.
+"""
+
+import errno
+import os
+import sys
+import time
+
+_CHUNK = 65536
+_ADDR = 1003
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO)
+
+
+class _Exit(Exception):
+    def __init__(self, code):
+        Exception.__init__(self, code)
+        self.code = code
+
+
+def _write_all(fd, data):
+    view = memoryview(data)
+    try:
+        while view:
+            view = view[os.write(fd, view):]
+    except OSError:
+        raise _Exit(53) from None
+
+
+def _read(fd, n):
+    try:
+        return os.read(fd, n)
+    except OSError:
+        raise _Exit(54) from None
+
+
+class _Envelope:
+    """Byte reader over fd 1 that knows qmail-queue's envelope grammar."""
+
+    def __init__(self, fd):
+        self.fd = fd
+        self.buf = b""
+        self.pos = 0
+
+    def byte(self):
+        if self.pos >= len(self.buf):
+            self.buf = _read(self.fd, _CHUNK)
+            self.pos = 0
+            if not self.buf:
+                raise _Exit(54)
+        c = self.buf[self.pos]
+        self.pos += 1
+        return c
+
+    def address(self):
+        parts = []
+        size = 0
+        while True:
+            if self.pos >= len(self.buf):
+                self.buf = _read(self.fd, _CHUNK)
+                self.pos = 0
+                if not self.buf:
+                    raise _Exit(54)
+            i = self.buf.find(b"\0", self.pos)
+            stop = len(self.buf) if i < 0 else i
+            size += stop - self.pos
+            if size >= _ADDR:
+                raise _Exit(11)
+            parts.append(self.buf[self.pos:stop])
+            if i >= 0:
+                self.pos = i + 1
+                return b"".join(parts)
+            self.pos = stop
+
+
+def read_envelope(fd):
+    """Return (sender, [recipients]) read from `fd`; raise _Exit on error."""
+    env = _Envelope(fd)
+    if env.byte() != 70:  # F
+        raise _Exit(91)
+    sender = env.address()
+    rcpts = []
+    while True:
+        c = env.byte()
+        if c == 0:
+            return sender, rcpts
+        if c != 84:  # T
+            raise _Exit(91)
+        rcpts.append(env.address())
+
+
+def _maildir_name(host):
+    # The maildir convention forbids / and : in the host part.
+    host = host.replace("/", "\\057").replace(":", "\\072")
+    return "%d.%d.%s" % (int(time.time()), os.getpid(), host)
+
+
+def _ensure_dirs(maildir):
+    for sub in ("", "/tmp", "/new", "/cur"):
+        try:
+            os.mkdir(maildir + sub, 0o700)
+        except FileExistsError:
+            pass
+        except OSError:
+            raise _Exit(61) from None
+
+
+def _create_tmp(maildir, host, mode=os.O_WRONLY):
+    """Open a new file in tmp/; retry on a name clash, as the maildir spec says."""
+    for attempt in range(3):
+        name = _maildir_name(host)
+        path = maildir + "/tmp/" + name
+        try:
+            return name, os.open(path, mode | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                                 0o600)
+        except FileExistsError:
+            time.sleep(2)
+        except OSError as e:
+            raise _Exit(53 if e.errno in _DISK_FULL else 62) from None
+    raise _Exit(62)
+
+
+def _fsync(fd):
+    try:
+        os.fsync(fd)
+    except OSError:
+        raise _Exit(53) from None
+
+
+def deliver(msg_fd, env_fd, maildir):
+    """Spool the message, read the envelope, write the final file; return 0."""
+    host = os.uname().nodename or "localhost"
+    _ensure_dirs(maildir)
+    # The envelope comes only after fd 0 is closed, so the message must be stored
+    # before the headers are known: spool it, then copy it after the headers.
+    spool_name, spool = _create_tmp(maildir, host + ".spool", os.O_RDWR)
+    spool_path = maildir + "/tmp/" + spool_name
+    final_path = None
+    fd = -1
+    try:
+        os.unlink(spool_path)  # an open unlinked file: nothing to clean up later
+        while True:
+            chunk = _read(msg_fd, _CHUNK)
+            if not chunk:
+                break
+            _write_all(spool, chunk)
+        sender, rcpts = read_envelope(env_fd)
+
+        name, fd = _create_tmp(maildir, host)
+        final_path = maildir + "/tmp/" + name
+        head = [b"Return-Path: <", sender, b">\n"]
+        for r in rcpts:
+            head += (b"X-Envelope-To: <", r, b">\n")
+        _write_all(fd, b"".join(head))
+        os.lseek(spool, 0, os.SEEK_SET)
+        while True:
+            try:
+                chunk = os.read(spool, _CHUNK)
+            except OSError:
+                raise _Exit(53) from None
+            if not chunk:
+                break
+            _write_all(fd, chunk)
+        _fsync(fd)
+        os.close(fd)
+        fd = -1
+        try:
+            os.rename(final_path, maildir + "/new/" + name)
+        except OSError:
+            raise _Exit(62) from None
+        final_path = None
+        try:
+            dfd = os.open(maildir + "/new", os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except OSError:
+            pass  # the rename is done; some filesystems cannot fsync a directory
+        return 0
+    finally:
+        os.close(spool)
+        if fd >= 0:
+            os.close(fd)
+        if final_path is not None:
+            try:
+                os.unlink(final_path)
+            except OSError:
+                pass
+
+
+def main():
+    maildir = os.environ.get("QSPP_MAILDIR") or "./Maildir"
+    maildir = maildir.rstrip("/") or "/"
+    try:
+        code = deliver(0, 1, maildir)
+    except _Exit as e:
+        code = e.code
+    except Exception as e:  # noqa: BLE001 - a queue must answer with an exit code
+        try:
+            os.write(2, ("qspp.maildirqueue: %r\n" % (e,)).encode())
+        except OSError:
+            pass
+        code = 81
+    # os._exit: fd 1 is the envelope pipe, so an interpreter shutdown flush of
+    # sys.stdout must not get a chance to turn the code into 120.
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    main()
