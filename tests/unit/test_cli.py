@@ -1,0 +1,699 @@
+"""`qspp check`, `qspp plugin-test`, `qspp version` (spp.md §6.3, §6.4), in-process.
+
+main() chdirs to QMAILHOME; the fixture chdirs first through monkeypatch so the
+test process gets its cwd back. Plugins are real processes (small shell scripts).
+"""
+
+import os
+import re
+
+import pytest
+
+from qspp import cli
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    h = tmp_path / "home"
+    (h / "control").mkdir(parents=True)
+    (h / "plugins").mkdir()
+    (h / "control" / "me").write_bytes(b"test.example\n")
+    (h / "control" / "rcpthosts").write_bytes(b"example.com\n")
+    for name in ("NOSPP", "SPPCONFFILE", "SPPTIMEOUT", "SPPLOG", "QMAILQUEUE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("QMAILHOME", str(h))
+    monkeypatch.chdir(tmp_path)
+    return h
+
+
+def config(home, data):
+    (home / "control" / "smtpplugins").write_bytes(data)
+
+
+def plugin(home, name, body, mode=0o755):
+    p = home / "plugins" / name
+    p.write_bytes(body)
+    p.chmod(mode)
+    return p
+
+
+def run(capsys, *argv):
+    status = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return status, out.splitlines(), err
+
+
+def prelude(home, auth="off (no arguments)", timeout="60 s (default)"):
+    return ["home: %s" % home,
+            'greeting: "220 test.example ESMTP" (control/me)',
+            "SPPTIMEOUT: " + timeout,
+            "AUTH mode: " + auth]
+
+
+# --- qspp check ---------------------------------------------------------------
+
+def test_check_clean_config(home, capsys):
+    plugin(home, "rbl", b"#!/bin/sh\necho N\n")
+    config(home, b"# plugins\n[connection]\nplugins/rbl\n[rcpt]\n:echo E550 x\n:plugins/rbl -z zen\n")
+    status, out, err = run(capsys, "check")
+    assert out == prelude(home) + [
+        "config: control/smtpplugins",
+        "[connection]",
+        '  line 3: plugins/rbl -> ["plugins/rbl"]',
+        "[rcpt]",
+        '  line 5: :echo E550 x -> ["/bin/sh", "-c", "echo E550 x"]',
+        '  line 6: :plugins/rbl -z zen -> ["/bin/sh", "-c", "plugins/rbl -z zen"]',
+        "check: 0 errors, 0 warnings, 0 notes",
+    ]
+    assert status == 0
+    assert err == ""
+
+
+def test_check_sections_listed_in_phase_order_with_repeats_appended(home, capsys):
+    config(home, b"[rcpt]\n:echo 1\n[helo]\n:echo 2\n[rcpt]\n:echo 3\n")
+    status, out, _ = run(capsys, "check")
+    assert out[5:10] == [
+        "[helo]",
+        '  line 4: :echo 2 -> ["/bin/sh", "-c", "echo 2"]',
+        "[rcpt]",
+        '  line 2: :echo 1 -> ["/bin/sh", "-c", "echo 1"]',
+        '  line 6: :echo 3 -> ["/bin/sh", "-c", "echo 3"]',
+    ]
+    assert status == 0
+
+
+def test_check_undocumented_headers(home, capsys):
+    config(home, b"[Helo]\n:echo E501\n[mailx]\n:echo E502\n")
+    status, out, _ = run(capsys, "check")
+    assert out[4:] == [
+        "config: control/smtpplugins",
+        "[mail]",
+        '  line 4: :echo E502 -> ["/bin/sh", "-c", "echo E502"]',
+        "control/smtpplugins:1: warning: header [Helo] selects no section: its entries never run",
+        "control/smtpplugins:2: warning: entry under an ignored header never runs: :echo E501",
+        "control/smtpplugins:3: warning: header [mailx] is not a documented name; it selects [mail]",
+        "check: 0 errors, 3 warnings, 0 notes",
+    ]
+    assert status == 0
+
+
+def test_check_non_executable_entry(home, capsys):
+    plugin(home, "x", b"#!/bin/sh\n", mode=0o644)
+    config(home, b"[helo]\nplugins/x\n")
+    status, out, _ = run(capsys, "check")
+    assert out[-2:] == [
+        "control/smtpplugins:2: error: plugins/x: not executable (mode 0644)",
+        "check: 1 error, 0 warnings, 0 notes",
+    ]
+    assert status == 1
+
+
+def test_check_missing_and_directory_entries(home, capsys):
+    (home / "plugins" / "d").mkdir()
+    config(home, b"[helo]\nplugins/none\nplugins/d\n/\n")
+    status, out, _ = run(capsys, "check")
+    assert out[-4:] == [
+        "control/smtpplugins:2: error: plugins/none: no such file",
+        "control/smtpplugins:3: error: plugins/d: is a directory",
+        "control/smtpplugins:4: error: /: is a directory",
+        "check: 3 errors, 0 warnings, 0 notes",
+    ]
+    assert status == 1
+
+
+def test_check_entries_before_first_header(home, capsys):
+    # spp.md §7.1 #4
+    config(home, b"#c\n:echo E500\n[helo]\n:true\n")
+    status, out, _ = run(capsys, "check")
+    assert out[-2:] == [
+        "control/smtpplugins:2: warning: entry before the first header never runs: :echo E500",
+        "check: 0 errors, 1 warning, 0 notes",
+    ]
+    assert status == 0
+
+
+def test_check_missing_config_is_a_note(home, capsys):
+    status, out, err = run(capsys, "check")
+    assert out == prelude(home) + [
+        "config: control/smtpplugins (missing)",
+        "note: control/smtpplugins does not exist: no plugins",
+        "check: 0 errors, 0 warnings, 1 note",
+    ]
+    assert status == 0
+    assert err == ""
+
+
+def test_check_empty_config(home, capsys):
+    config(home, b"# nothing yet\n")
+    status, out, _ = run(capsys, "check")
+    assert out[4:] == ["config: control/smtpplugins", "no plugin entries",
+                       "check: 0 errors, 0 warnings, 0 notes"]
+    assert status == 0
+
+
+def test_check_path_entry_with_space(home, capsys):
+    # spp.md §7.1 #6: plugins/x exists, `plugins/x arg` is one file name
+    plugin(home, "x", b"#!/bin/sh\necho N\n")
+    config(home, b"[helo]\nplugins/x arg\n")
+    status, out, _ = run(capsys, "check")
+    assert out[4:] == [
+        "config: control/smtpplugins",
+        "[helo]",
+        '  line 2: plugins/x arg -> ["plugins/x arg"]',
+        "control/smtpplugins:2: warning: entry names a file containing a space or tab"
+        " (arguments need ':'): plugins/x arg",
+        "control/smtpplugins:2: error: plugins/x arg: no such file"
+        " (plugins/x exists: write :plugins/x arg to pass arguments)",
+        "check: 1 error, 1 warning, 0 notes",
+    ]
+    assert status == 1
+
+
+def test_check_lines_042_reads_differently(home, capsys):
+    # §7.1 #4 and #5: leading whitespace, CRLF
+    config(home, b"[helo]\r\n:echo E550 crlf\r\n  # note\n")
+    status, out, _ = run(capsys, "check")
+    assert out[4:] == [
+        "config: control/smtpplugins",
+        "[helo]",
+        '  line 2: :echo E550 crlf -> ["/bin/sh", "-c", "echo E550 crlf"]',
+        "control/smtpplugins:1: note: trailing CR stripped; 0.42 keeps it",
+        "control/smtpplugins:2: note: trailing CR stripped; 0.42 keeps it",
+        "control/smtpplugins:3: note: leading whitespace/CR stripped; 0.42 reads this line as an entry",
+        "check: 0 errors, 0 warnings, 3 notes",
+    ]
+    assert status == 0
+
+
+def test_check_crlf_shebang_and_no_shebang(home, capsys):
+    plugin(home, "crlf", b"#!/bin/sh\r\necho N\r\n")
+    plugin(home, "text", b"echo N\n")
+    config(home, b"[helo]\nplugins/crlf\nplugins/text\n")
+    status, out, _ = run(capsys, "check")
+    assert out[-3:] == [
+        'control/smtpplugins:2: error: plugins/crlf: #! line ends in CR (CRLF file):'
+        ' interpreter "/bin/sh\\r" does not exist',
+        "control/smtpplugins:3: warning: plugins/text: neither a #! script nor an ELF binary:"
+        " exec will likely fail (can't execute)",
+        "check: 1 error, 1 warning, 0 notes",
+    ]
+    assert status == 1
+
+
+def test_check_missing_interpreter(home, capsys):
+    plugin(home, "py", b"#!/nonexistent/python3 -I\nprint('N')\n")
+    config(home, b"[helo]\nplugins/py\n")
+    status, out, _ = run(capsys, "check")
+    assert out[-2] == ("control/smtpplugins:2: error: plugins/py: #! interpreter"
+                       " /nonexistent/python3 is missing or not executable")
+    assert status == 1
+
+
+def test_check_unreadable_config(home, capsys):
+    # §7.1 #2: a directory; a connection answers 421
+    (home / "control" / "smtpplugins").mkdir()
+    status, out, _ = run(capsys, "check")
+    assert out[4:] == [
+        "config: control/smtpplugins (unreadable)",
+        "error: unable to read control/smtpplugins: Is a directory"
+        " (connections get 421 unable to read controls (#4.3.0))",
+        "check: 1 error, 0 warnings, 0 notes",
+    ]
+    assert status == 1
+
+
+def test_check_nospp(home, capsys, monkeypatch):
+    (home / "control" / "smtpplugins").mkdir()
+    monkeypatch.setenv("NOSPP", "")
+    status, out, _ = run(capsys, "check")
+    assert out[4:] == ["config: none: NOSPP is set, plugins are off and no file is read",
+                       "check: 0 errors, 0 warnings, 0 notes"]
+    assert status == 0
+
+
+def test_check_sppconffile(home, capsys, monkeypatch):
+    (home / "control" / "alt").write_bytes(b"[helo]\n:echo E550 alt\n")
+    monkeypatch.setenv("SPPCONFFILE", "control/alt")
+    status, out, _ = run(capsys, "check")
+    assert out[4:6] == ["config: control/alt (from SPPCONFFILE)", "[helo]"]
+    assert status == 0
+
+
+def test_check_sppconffile_missing_is_an_error(home, capsys, monkeypatch):
+    monkeypatch.setenv("SPPCONFFILE", "control/typo")
+    status, out, _ = run(capsys, "check")
+    assert out[4:] == [
+        "config: control/typo (unreadable)",
+        "error: unable to read control/typo: No such file or directory"
+        " (connections get 421 unable to read controls (#4.3.0))",
+        "check: 1 error, 0 warnings, 0 notes",
+    ]
+    assert status == 1
+
+
+def test_check_bin_sh_missing(home, capsys, monkeypatch):
+    real = os.access
+    monkeypatch.setattr(cli.os, "access",
+                        lambda p, m: False if p == "/bin/sh" else real(p, m))
+    config(home, b"[helo]\n:echo N\n")
+    status, out, _ = run(capsys, "check")
+    assert out[-2:] == ["error: /bin/sh is missing or not executable, and ':' entries need it",
+                        "check: 1 error, 0 warnings, 0 notes"]
+    assert status == 1
+
+
+def test_check_auth_entries_outside_auth_mode(home, capsys):
+    config(home, b"[auth]\n:echo E535 no\n")
+    status, out, _ = run(capsys, "check")
+    assert out[-2:] == [
+        "control/smtpplugins:2: note: [auth] entries run only in AUTH mode,"
+        " which these arguments leave off",
+        "check: 0 errors, 0 warnings, 1 note",
+    ]
+    assert status == 0
+
+
+@pytest.mark.parametrize("args, how", [
+    (["/bin/checkpassword", "/bin/true"],
+     'on: no HOST (the first argument contains "/"), checkprogram'
+     ' ["/bin/checkpassword", "/bin/true"]'),
+    (["mail.example", "/bin/checkpassword", "/bin/true"],
+     'on: HOST "mail.example", checkprogram ["/bin/checkpassword", "/bin/true"]'),
+    (["bin/check"], 'on: no HOST (the first argument contains "/"), checkprogram ["bin/check"]'),
+])
+def test_check_auth_mode_reading(home, capsys, args, how):
+    config(home, b"[auth]\n:echo E535 no\n")
+    status, out, _ = run(capsys, "check", *args)
+    assert out[3] == "AUTH mode: " + how
+    assert out[-1] == "check: 0 errors, 0 warnings, 0 notes"
+    assert status == 0
+
+
+def test_check_host_alone(home, capsys):
+    config(home, b"")
+    status, out, _ = run(capsys, "check", "mail.example")
+    assert out[3] == 'AUTH mode: off: HOST "mail.example" without a checkprogram'
+    assert out[-2:] == ["warning: HOST without a checkprogram: AUTH is off"
+                        " (connections log one stderr line)",
+                        "check: 0 errors, 1 warning, 0 notes"]
+    assert status == 0
+
+
+def test_check_bare_checkprogram_on_path(home, capsys, monkeypatch, tmp_path):
+    # qmail-smtpd.md §2.1: no "." and an executable on PATH: no HOST
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "checkpw").write_bytes(b"#!/bin/sh\n")
+    (bindir / "checkpw").chmod(0o755)
+    monkeypatch.setenv("PATH", str(bindir))
+    config(home, b"")
+    status, out, _ = run(capsys, "check", "checkpw", "/bin/true")
+    assert out[3] == ('AUTH mode: on: no HOST (the first argument has no "." and is an executable'
+                      ' on PATH: %s/checkpw), checkprogram ["checkpw", "/bin/true"]' % bindir)
+    assert status == 0
+
+
+def test_check_dashdash_before_args(home, capsys):
+    config(home, b"")
+    status, out, _ = run(capsys, "check", "--", "/bin/check")
+    assert out[3] == 'AUTH mode: on: no HOST (the first argument contains "/"), checkprogram ["/bin/check"]'
+
+
+def test_check_control_files(home, capsys, monkeypatch):
+    (home / "control" / "me").unlink()
+    (home / "control" / "rcpthosts").unlink()
+    (home / "control" / "badmailfrom").mkdir()
+    monkeypatch.setenv("SPPTIMEOUT", "1.5")
+    config(home, b"")
+    status, out, _ = run(capsys, "check")
+    assert out == [
+        "home: %s" % home,
+        "SPPTIMEOUT: 60 s",
+        "AUTH mode: off (no arguments)",
+        "config: control/smtpplugins",
+        "no plugin entries",
+        "error: control/me and control/smtpgreeting are both absent"
+        " (connections get 421 unable to read controls (#4.3.0))",
+        "control/rcpthosts: warning: absent: every recipient domain is accepted (open relay)",
+        "error: unable to read control/badmailfrom: Is a directory"
+        " (connections get 421 unable to read controls (#4.3.0))",
+        "warning: SPPTIMEOUT=1.5 is not a non-negative integer: using 60",
+        "check: 2 errors, 2 warnings, 0 notes",
+    ]
+    assert status == 1
+
+
+def test_check_greeting_from_smtpgreeting_with_cr(home, capsys):
+    (home / "control" / "smtpgreeting").write_bytes(b"hi there\r\n")
+    config(home, b"")
+    status, out, _ = run(capsys, "check")
+    assert out[1] == 'greeting: "220 hi there\\r ESMTP" (control/smtpgreeting)'
+    assert out[-2:] == ["control/smtpgreeting: warning: contains a CR (CRLF file?),"
+                        " which qmail keeps in the greeting",
+                        "check: 0 errors, 1 warning, 0 notes"]
+    assert status == 0
+
+
+def test_check_spptimeout_zero(home, capsys, monkeypatch):
+    monkeypatch.setenv("SPPTIMEOUT", "0")
+    config(home, b"")
+    _, out, _ = run(capsys, "check")
+    assert out[2] == "SPPTIMEOUT: no limit (0)"
+
+
+def test_check_home_missing(home, capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("QMAILHOME", str(tmp_path / "nowhere"))
+    status, out, _ = run(capsys, "check")
+    assert out == ["home: %s" % (tmp_path / "nowhere"),
+                   "error: cannot chdir to %s: No such file or directory"
+                   " (connections get 421 unable to read controls (#4.3.0))" % (tmp_path / "nowhere"),
+                   "check: 1 error, 0 warnings, 0 notes"]
+    assert status == 1
+
+
+def test_entry_lines_agree_with_parse():
+    data = (b"x\n[helo]\n a \n#c\n[Helo]\nb\n[mail\nc\0junk\n\n[m]\r\nd\r\n[]\ne\n[body]\nf")
+    located = cli._entry_lines(data)
+    assert located == [("helo", b"a", 3), ("mail", b"c", 8), ("mail", b"d", 11), ("body", b"f", 15)]
+    grouped = {}
+    for phase, entry, _ in located:
+        grouped.setdefault(phase, []).append(entry)
+    assert grouped == cli.sppconfig.parse(data).sections
+
+
+# --- qspp plugin-test ---------------------------------------------------------
+
+def ptest(capsys, *argv):
+    """Runs plugin-test; returns (status, lines without the time line, stderr)."""
+    status, out, err = run(capsys, "plugin-test", *argv)
+    times = [line for line in out if line.startswith("time: ")]
+    assert len(times) == 1 and re.fullmatch(r"time: \d+ ms", times[0]), out
+    return status, [line for line in out if not line.startswith("time: ")], err
+
+
+def q(s):
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def head(home, phase, entry, timeout="60 s (default)"):
+    argv = ", ".join(q(a) for a in (["/bin/sh", "-c", entry[1:]] if entry[:1] == ":"
+                                    else [entry]))
+    return ["phase: " + phase, "entry: " + entry, "argv: [%s]" % argv,
+            "cwd: %s" % home, "SPPTIMEOUT: " + timeout]
+
+
+@pytest.mark.parametrize("phase, printed, explained, verdict, client", [
+    ("rcpt", "SDNSBL_HIT=zen",
+     "S DNSBL_HIT=zen: set DNSBL_HIT for later plugins and qmail-queue",
+     "continue (rcpthosts check, then 250 ok); the next entry of the section would run first",
+     "(qmail's normal reply)"),
+    ("mail", "SRELAYCLIENT=",
+     "S RELAYCLIENT=: set RELAYCLIENT for later plugins and qmail-queue"
+     " (qspp keeps the value it read at connection start)",
+     "continue (badmailfrom check, then 250 ok); the next entry of the section would run first",
+     "(qmail's normal reply)"),
+    ("helo", "SNOEQ", "S NOEQ: ignored (S needs NAME=value), logged",
+     "continue (qmail's normal reply, HELO name stored); the next entry of the section would run"
+     " first", "(qmail's normal reply)"),
+    ("helo", "UTCPREMOTEINFO", "U TCPREMOTEINFO: remove TCPREMOTEINFO for later plugins and"
+     " qmail-queue (qspp keeps the value it read at connection start)", None,
+     "(qmail's normal reply)"),
+    ("helo", "UX", "U X: remove X for later plugins and qmail-queue", None,
+     "(qmail's normal reply)"),
+    ("helo", "SQMAILQUEUE=bin/alt", "S QMAILQUEUE=bin/alt: set QMAILQUEUE for later plugins and"
+     " qmail-queue (the queue program for later messages)", None, "(qmail's normal reply)"),
+    ("data", "HX-A: 1", "H X-A: 1: add header line", None, "(qmail's normal reply)"),
+    ("data", "H", "H: add an empty header line (ends the header block)", None,
+     "(qmail's normal reply)"),
+    ("mail", "Cnew@b.example", "C new@b.example: rewrite the sender", None,
+     "(qmail's normal reply)"),
+    ("rcpt", "Cnew@x", "C new@x: rewrite the recipient", None, "(qmail's normal reply)"),
+    ("helo", "Cnew@x", "C new@x: ignored in helo", None, "(qmail's normal reply)"),
+    ("data", "Cnew@x", "C new@x: ignored in data", None, "(qmail's normal reply)"),
+    ("connection", "P220-welcome", "P 220-welcome: send this line to the client now",
+     "continue (greeting); the next entry of the section would run first",
+     '"220-welcome\\r\\n", then qmail\'s normal reply'),
+    ("helo", "LM451 later", "LM 451 later: deferred error for later MAILs", None,
+     "(qmail's normal reply)"),
+    ("mail", "LR550 x", "LR 550 x: deferred error for later RCPTs", None,
+     "(qmail's normal reply)"),
+    ("rcpt", "LD452 y", "LD 452 y: deferred error for later DATAs", None,
+     "(qmail's normal reply)"),
+    ("helo", "Lx", "Lx: ignored (L needs M, R or D)", None, "(qmail's normal reply)"),
+    ("helo", "zzz", "zzz: ignored (unknown command letter)", None, "(qmail's normal reply)"),
+    ("helo", "n", "n: ignored (unknown command letter)", None, "(qmail's normal reply)"),
+    ("helo", " E550 x", '" E550 x": ignored (starts with a space)', None,
+     "(qmail's normal reply)"),
+])
+def test_plugin_test_non_terminators(home, capsys, phase, printed, explained, verdict, client):
+    entry = ":printf '%s\\n'" % printed
+    status, out, err = ptest(capsys, phase, entry)
+    if verdict is None:
+        verdict = {"helo": "continue (qmail's normal reply, HELO name stored)",
+                   "mail": "continue (badmailfrom check, then 250 ok)",
+                   "rcpt": "continue (rcpthosts check, then 250 ok)",
+                   "data": "continue (354 go ahead, then the message)"}[phase] \
+            + "; the next entry of the section would run first"
+    assert out == head(home, phase, entry) + [
+        "output:",
+        "  " + explained,
+        "terminator: none",
+        "verdict: " + verdict,
+        "exit status: 0",
+        "client gets: " + client,
+    ]
+    assert status == 0
+
+
+@pytest.mark.parametrize("phase, printed, explained, verdict, client", [
+    ("helo", "A", "A: accept, and plugins off for the rest of the connection",
+     "continue (qmail's normal reply, HELO name stored); plugins off for the rest of the connection",
+     "(qmail's normal reply)"),
+    ("mail", "N", "N: stop the section, continue",
+     "continue (badmailfrom check, then 250 ok)", "(qmail's normal reply)"),
+    ("mail", "Nok", "N ok: stop the section, continue (the text after the letter is ignored)",
+     "continue (badmailfrom check, then 250 ok)", "(qmail's normal reply)"),
+    ("rcpt", "O", "O: override", "override (accept: rcpthosts check skipped)",
+     "(qmail's normal reply)"),
+    ("mail", "O", "O: override", "override (accept: badmailfrom check skipped)",
+     "(qmail's normal reply)"),
+    ("helo", "O", "O: override", "override (as continue: qmail's normal reply, HELO name stored)",
+     "(qmail's normal reply)"),
+    ("rcpt", "E550 x", "E 550 x: refuse the command with this text",
+     "refused (recipient not added)", '"550 x\\r\\n"'),
+    ("data", "E451 greylisted", "E 451 greylisted: refuse the command with this text",
+     "refused (no 354, DATA may be retried)", '"451 greylisted\\r\\n"'),
+    ("helo", "E", "E: refuse the command with this text",
+     "refused (HELO name and transaction unchanged)", '"\\r\\n"'),
+    ("rcpt", "R421 bye", "R 421 bye: send this text and close the connection",
+     "close (the connection ends, nothing is queued)", '"421 bye\\r\\n", then the connection closes'),
+    ("mail", "D", "D: close the connection",
+     "close (the connection ends, nothing is queued)", "nothing; the connection closes"),
+])
+def test_plugin_test_terminators(home, capsys, phase, printed, explained, verdict, client):
+    entry = ":printf '%s\\nE599 never\\n'" % printed
+    status, out, err = ptest(capsys, phase, entry)
+    assert out == head(home, phase, entry) + [
+        "output:",
+        "  " + explained,
+        "terminator: " + printed[0],
+        "verdict: " + verdict,
+        "exit status: 0",
+        "client gets: " + client,
+    ]
+    assert status == 0
+
+
+def test_plugin_test_lines_in_order_then_refusal(home, capsys):
+    entry = ":printf 'P250-first\\nSA=1\\nHX-A: 1\\nE550 no\\n'"
+    status, out, _ = ptest(capsys, "rcpt", entry)
+    assert out[5:] == [
+        "output:",
+        "  P 250-first: send this line to the client now",
+        "  S A=1: set A for later plugins and qmail-queue",
+        "  H X-A: 1: add header line",
+        "  E 550 no: refuse the command with this text",
+        "terminator: E",
+        "verdict: refused (recipient not added)",
+        "exit status: 0",
+        'client gets: "250-first\\r\\n550 no\\r\\n"',
+    ]
+    assert status == 0
+
+
+def test_plugin_test_cr_stripped_and_last_line_without_lf(home, capsys):
+    # Δ4: one CR stripped; an unterminated last line is whole
+    status, out, _ = ptest(capsys, "helo", ":printf 'HX: 1\\r\\nE550 go away'")
+    assert out[6:8] == ["  H X: 1: add header line", "  E 550 go away: refuse the command with this text"]
+    assert out[-1] == 'client gets: "550 go away\\r\\n"'
+
+
+def test_plugin_test_repeated_lines_collapse(home, capsys):
+    status, out, _ = ptest(capsys, "helo", ":printf 'x\\nx\\nx\\nN\\n'")
+    assert out[5:8] == ["output:", "  x: ignored (unknown command letter) (3 times)",
+                        "  N: stop the section, continue"]
+
+
+def test_plugin_test_exit_120(home, capsys):
+    status, out, _ = ptest(capsys, "helo", ":exit 120")
+    assert out == head(home, "helo", ":exit 120") + [
+        "output: none",
+        "terminator: none",
+        "failure: can't execute (exit status 120)",
+        "verdict: refused (HELO name and transaction unchanged)",
+        "exit status: 120",
+        'client gets: "451 qmail-spp failure: :exit 120: can\'t execute (#4.3.0)\\r\\n"',
+    ]
+    assert status == 1
+
+
+def test_plugin_test_other_exit_status_is_ignored(home, capsys):
+    # §4.5: E then exit 1 still refuses; the run did not fail
+    status, out, _ = ptest(capsys, "helo", ":echo E550 via exit1; exit 1")
+    assert out[-3:] == ["verdict: refused (HELO name and transaction unchanged)",
+                        "exit status: 1", 'client gets: "550 via exit1\\r\\n"']
+    assert status == 0
+
+
+def test_plugin_test_missing_program(home, capsys):
+    status, out, _ = ptest(capsys, "mail", "plugins/none")
+    assert out[5:] == [
+        "output: none",
+        "terminator: none",
+        "failure: can't execute (No such file or directory)",
+        "verdict: refused (sender not accepted, previous transaction untouched)",
+        "exit status: none, not started",
+        'client gets: "451 qmail-spp failure: plugins/none: can\'t execute (#4.3.0)\\r\\n"',
+    ]
+    assert status == 1
+
+
+def test_plugin_test_crash(home, capsys):
+    status, out, _ = ptest(capsys, "helo", ":kill -SEGV $$")
+    assert out[7:] == [
+        "failure: child crashed (signal 11)",
+        "verdict: refused (HELO name and transaction unchanged)",
+        "exit status: none, signal 11 (SIGSEGV)",
+        'client gets: "451 qmail-spp failure: :kill -SEGV $$: child crashed (#4.3.0)\\r\\n"',
+    ]
+    assert status == 1
+
+
+def test_plugin_test_failure_after_terminator_keeps_verdict(home, capsys):
+    # Δ7 (§7.5 #39)
+    entry = ":echo E550 bye; kill -KILL $$"
+    status, out, _ = ptest(capsys, "helo", entry)
+    assert out[5:] == [
+        "output:",
+        "  E 550 bye: refuse the command with this text",
+        "terminator: E",
+        "failure: child crashed (signal 9)",
+        "failure after the terminator: only logged, the verdict stands",
+        "verdict: refused (HELO name and transaction unchanged)",
+        "exit status: none, signal 9 (SIGKILL)",
+        'client gets: "550 bye\\r\\n"',
+    ]
+    assert status == 1
+
+
+def test_plugin_test_timeout(home, capsys, monkeypatch):
+    monkeypatch.setenv("SPPTIMEOUT", "1")
+    status, out, _ = ptest(capsys, "helo", ":sleep 5")
+    assert out == head(home, "helo", ":sleep 5", timeout="1 s") + [
+        "output: none",
+        "terminator: none",
+        "failure: timeout (the process group was killed after 1 s)",
+        "verdict: refused (HELO name and transaction unchanged)",
+        "exit status: none, signal 9 (SIGKILL, sent by qspp)",
+        'client gets: "451 qmail-spp failure: :sleep 5: timeout (#4.3.0)\\r\\n"',
+    ]
+    assert status == 1
+
+
+def test_plugin_test_output_too_long(home, capsys):
+    status, out, _ = ptest(capsys, "helo", ":printf '%070000d\\n' 0")
+    assert out[-4] == ("failure: output too long (a line over 65536 bytes;"
+                       " the process group was killed)")
+    assert status == 1
+
+
+def test_plugin_test_body(home, capsys, tmp_path):
+    msg = tmp_path / "msg"
+    msg.write_bytes(b"Subject: spam\n\nbody\n")
+    entry = ":grep -q '^Subject: spam' && echo E554 spam"
+    status, out, _ = ptest(capsys, "body", entry, "--message", str(msg))
+    assert out == head(home, "body", entry)[:4] + ["stdin: %s" % msg, "SPPTIMEOUT: 60 s (default)",
+                                                  "output:",
+                                                  "  E 554 spam: refuse the command with this text",
+                                                  "terminator: E",
+                                                  "verdict: refused (message discarded)",
+                                                  "exit status: 0",
+                                                  'client gets: "554 spam\\r\\n"']
+    assert status == 0
+
+
+def test_plugin_test_body_message_may_follow_assignments(home, capsys, tmp_path):
+    msg = tmp_path / "msg"
+    msg.write_bytes(b"a\nb\n")
+    status, out, _ = ptest(capsys, "body", ':echo "HX-Lines: $(wc -l) $V"', "V=v",
+                           "--message", str(msg))
+    assert "  H X-Lines: 2 v: add header line (after the 354-time headers)" in out
+    assert status == 0
+
+
+def test_plugin_test_environment_and_cwd(home, capsys, monkeypatch):
+    monkeypatch.setenv("FROM_ENV", "e")
+    entry = ':echo "HX: $FROM_ENV $SMTPRCPTTO $EMPTY. $(pwd)"'
+    status, out, _ = ptest(capsys, "rcpt", entry, "SMTPRCPTTO=x@example.com", "EMPTY=")
+    assert "  H X: e x@example.com . %s: add header line" % home in out
+    assert status == 0
+
+
+def test_plugin_test_stdin_is_dev_null_outside_body(home, capsys):
+    status, out, _ = ptest(capsys, "helo", ":test -c /dev/stdin && echo HX-In: null")
+    assert "  H X-In: null: add header line" in out
+
+
+def test_plugin_test_spptimeout_from_assignment_and_invalid(home, capsys):
+    status, out, _ = ptest(capsys, "helo", ":true", "SPPTIMEOUT=soon")
+    assert out[4:6] == ["SPPTIMEOUT: 60 s",
+                        "warning: SPPTIMEOUT=soon is not a non-negative integer: using 60"]
+    assert status == 0
+
+
+# --- usage, version -----------------------------------------------------------
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "qspp: error: a command is required: check, plugin-test or version"),
+    (["frobnicate"], "qspp: error: argument COMMAND: invalid choice: 'frobnicate'"),
+    (["plugin-test", "quit", ":true"], "qspp plugin-test: error: argument PHASE: invalid choice: 'quit'"),
+    (["plugin-test", "helo"], "qspp plugin-test: error: the following arguments are required: ENTRY"),
+    (["plugin-test", "body", ":true"], "qspp plugin-test: error: the body phase needs --message FILE"),
+    (["plugin-test", "--message", "m", "helo", ":true"],
+     "qspp plugin-test: error: --message is for the body phase only"),
+    (["plugin-test", "helo", ":true", "NOEQ"], "qspp plugin-test: error: NOEQ is not NAME=value"),
+    (["plugin-test", "helo", ":true", "=v"], "qspp plugin-test: error: =v is not NAME=value"),
+    (["plugin-test", "helo", "  "], "qspp plugin-test: error: ENTRY is empty"),
+    (["version", "extra"], "qspp: error: unrecognized arguments: extra"),
+])
+def test_usage_errors_exit_2(home, capsys, argv, message):
+    status, out, err = run(capsys, *argv)
+    assert status == 2
+    assert out == []
+    assert err.startswith("usage: ")
+    assert message in err
+
+
+def test_plugin_test_unopenable_message(home, capsys, tmp_path):
+    status, out, err = run(capsys, "plugin-test", "body", ":true", "--message",
+                           str(tmp_path / "none"))
+    assert status == 2 and out == []
+    assert err == "qspp: cannot open message %s: No such file or directory\n" % (tmp_path / "none")
+
+
+@pytest.mark.parametrize("argv", [["version"], ["--version"]])
+def test_version(capsys, argv):
+    status, out, err = run(capsys, *argv)
+    assert status == 0
+    assert len(out) == 1 and re.fullmatch(r"qspp (\d+\.\d+\S*|unknown)", out[0]), out
+    assert out[0] == "qspp " + cli.version()
