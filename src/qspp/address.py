@@ -5,7 +5,6 @@ recognises.  The rules here are therefore deliberately permissive and must not
 be "improved": every quirk is visible to clients and in the queue envelope.
 """
 
-from __future__ import annotations
 
 MAX_ADDRESS = 899
 
@@ -91,7 +90,7 @@ def _copy(arg: bytes, pos: int, terminator: int) -> bytes:
     return b"".join(out)
 
 
-def _ip_group(digits: bytes) -> int | None:
+def _ip_group(digits: bytes) -> "int | None":
     if not digits or not digits.isdigit():
         return None
     # 10**8 is a multiple of 256, so the last eight digits fix the octet; this
@@ -99,7 +98,7 @@ def _ip_group(digits: bytes) -> int | None:
     return int(digits[-8:]) % 256
 
 
-def localip_rewrite(addr: bytes, localiphost: bytes | None, is_local_ip) -> bytes:
+def localip_rewrite(addr: bytes, localiphost: "bytes | None", is_local_ip) -> bytes:
     """Replace a trailing `[d.d.d.d]` naming this host by localiphost.
 
     is_local_ip gets the literal normalised as b"a.b.c.d" and is called only
@@ -127,7 +126,7 @@ def localip_rewrite(addr: bytes, localiphost: bytes | None, is_local_ip) -> byte
     return addr[:at + 1] + localiphost
 
 
-def parse(arg: bytes, localiphost: bytes | None, is_local_ip) -> bytes | None:
+def parse(arg: bytes, localiphost: "bytes | None", is_local_ip) -> "bytes | None":
     """The address for MAIL/RCPT, or None for `555 syntax error`."""
     addr = localip_rewrite(addrparse(arg), localiphost, is_local_ip)
     if len(addr) > MAX_ADDRESS:

@@ -6,7 +6,6 @@ too early, is an OSError: qmail-smtpd treats a damaged cdb exactly like an
 unreadable one (fatal 421 at the RCPT that touched it).
 """
 
-from __future__ import annotations
 
 import errno
 import os
@@ -34,7 +33,7 @@ class Cdb:
         self.path = path
 
     @classmethod
-    def open(cls, path) -> Cdb | None:
+    def open(cls, path) -> "Cdb | None":
         # O_NONBLOCK as qmail's open_read: a FIFO must not hang the connection.
         # os.open (unlike open()) accepts a directory; qmail only notices that
         # at the first lookup, and so must we.
@@ -79,7 +78,7 @@ class Cdb:
                 break
         raise OSError(errno.EPROTO, "truncated cdb", self.path)
 
-    def find(self, key: bytes) -> tuple[int, int] | None:
+    def find(self, key: bytes) -> "tuple[int, int] | None":
         """(data offset, data length) of the first record for key, or None."""
         h = cdb_hash(key)
         head = self._read(8, (h & 255) * 8)
@@ -107,7 +106,7 @@ class Cdb:
                 slot = 0
         return None
 
-    def get(self, key: bytes) -> bytes | None:
+    def get(self, key: bytes) -> "bytes | None":
         found = self.find(key)
         if found is None:
             return None
@@ -122,7 +121,7 @@ class Cdb:
             fd, self.fd = self.fd, -1
             os.close(fd)
 
-    def __enter__(self) -> Cdb:
+    def __enter__(self) -> "Cdb":
         return self
 
     def __exit__(self, *exc) -> None:
@@ -132,7 +131,7 @@ class Cdb:
 def make(path, items) -> None:
     """Write a cdb of (key, data) pairs in order; for tests and fixtures."""
     records = bytearray()
-    tables: list[list[tuple[int, int]]] = [[] for _ in range(256)]
+    tables: "list[list[tuple[int, int]]]" = [[] for _ in range(256)]
     pos = HEADER_SIZE
     for key, data in items:
         key = bytes(key)

@@ -8,7 +8,6 @@ Absent means ENOENT and nothing else; every other failure is a ControlError,
 which the session turns into `421 unable to read controls (#4.3.0)`.
 """
 
-from __future__ import annotations
 
 import os
 import sys
@@ -38,7 +37,7 @@ class NoLocalIPs(Exception):
     """This host's interface addresses could not be listed."""
 
 
-def _open(path) -> int | None:
+def _open(path) -> "int | None":
     # O_NONBLOCK as qmail's open_read, so a FIFO in control/ cannot hang us.
     try:
         return os.open(path, _RDONLY)
@@ -48,7 +47,7 @@ def _open(path) -> int | None:
         raise ControlError(path, e.errno) from None
 
 
-def _read_first_line(path) -> bytes | None:
+def _read_first_line(path) -> "bytes | None":
     fd = _open(path)
     if fd is None:
         return None
@@ -71,7 +70,7 @@ def _read_first_line(path) -> bytes | None:
         os.close(fd)
 
 
-def _read_all(path) -> bytes | None:
+def _read_all(path) -> "bytes | None":
     fd = _open(path)
     if fd is None:
         return None
@@ -88,7 +87,7 @@ def _read_all(path) -> bytes | None:
         os.close(fd)
 
 
-def read_line(path) -> bytes | None:
+def read_line(path) -> "bytes | None":
     """The `line` class: first line, trailing blanks stripped, CR kept."""
     line = _read_first_line(path)
     if line is None:
@@ -96,7 +95,7 @@ def read_line(path) -> bytes | None:
     return line.rstrip(b" \t")
 
 
-def scan_ulong(s: bytes) -> tuple[int, int]:
+def scan_ulong(s: bytes) -> "tuple[int, int]":
     """(value, digits used) of s's leading ASCII digits, as djb's scan_ulong.
 
     The value wraps modulo 2**64 like the C unsigned long it emulates.
@@ -121,7 +120,7 @@ def _narrow(value: int, signed: bool) -> int:
     return value
 
 
-def leading_int(s: bytes, signed: bool = False) -> int | None:
+def leading_int(s: bytes, signed: bool = False) -> "int | None":
     """s's leading ASCII digits as a 32-bit C int, or None if none."""
     value, used = scan_ulong(s)
     if not used:
@@ -129,7 +128,7 @@ def leading_int(s: bytes, signed: bool = False) -> int | None:
     return _narrow(value, signed)
 
 
-def read_int(path, signed: bool = False) -> int | None:
+def read_int(path, signed: bool = False) -> "int | None":
     """The `int` class: None if absent or no leading digit.
 
     The value wraps to 32 bits, unsigned (databytes) or signed (timeoutsmtpd).
@@ -140,7 +139,7 @@ def read_int(path, signed: bool = False) -> int | None:
     return leading_int(line, signed)
 
 
-def timeout_smtpd(value: int | None) -> int:
+def timeout_smtpd(value: "int | None") -> int:
     """Seconds per read/write from control/timeoutsmtpd's read_int value."""
     if value is None:
         return 1200
@@ -148,7 +147,7 @@ def timeout_smtpd(value: int | None) -> int:
     return value if value > 0 else 1
 
 
-def databytes(control_value: int | None, env_value: bytes | None) -> int:
+def databytes(control_value: "int | None", env_value: "bytes | None") -> int:
     """Effective databytes, 0 meaning unlimited.
 
     control_value is read_int("control/databytes"); env_value is DATABYTES
@@ -168,7 +167,7 @@ def databytes(control_value: int | None, env_value: bytes | None) -> int:
     return value
 
 
-def read_list(path) -> list[bytes] | None:
+def read_list(path) -> "list[bytes] | None":
     """The `list` class, as the entries qmail's constmap ends up holding.
 
     control_readfile NUL-terminates each kept line and constmap splits the
@@ -200,7 +199,7 @@ class Rcpthosts:
 
     __slots__ = ("_hosts", "_cdb", "_cdb_path")
 
-    def __init__(self, entries: list[bytes] | None, cdb: Cdb | None = None) -> None:
+    def __init__(self, entries: "list[bytes] | None", cdb: "Cdb | None" = None) -> None:
         # None means rcpthosts is absent: everything is allowed and the cdb
         # is ignored, as rcpthosts.c never opens it then.
         self._hosts = None if entries is None else {e.lower() for e in entries}
@@ -208,7 +207,7 @@ class Rcpthosts:
         self._cdb_path = getattr(cdb, "path", MORERCPTHOSTS)
 
     @classmethod
-    def load(cls, rcpthosts=RCPTHOSTS, morercpthosts=MORERCPTHOSTS) -> Rcpthosts:
+    def load(cls, rcpthosts=RCPTHOSTS, morercpthosts=MORERCPTHOSTS) -> "Rcpthosts":
         entries = read_list(rcpthosts)
         if entries is None:
             return cls(None)
@@ -260,11 +259,11 @@ class Badmailfrom:
 
     __slots__ = ("_entries",)
 
-    def __init__(self, entries: list[bytes] | None) -> None:
+    def __init__(self, entries: "list[bytes] | None") -> None:
         self._entries = None if entries is None else {e.lower() for e in entries}
 
     @classmethod
-    def load(cls, path=BADMAILFROM) -> Badmailfrom:
+    def load(cls, path=BADMAILFROM) -> "Badmailfrom":
         return cls(read_list(path))
 
     @property
@@ -285,7 +284,7 @@ class Badmailfrom:
 
 # ---- this host's IPv4 addresses (localiphost, spec 5.4) ----
 
-_local_ips: frozenset | None = None
+_local_ips: "frozenset | None" = None
 
 _SIOCGIFCONF = 0x8912
 _SIOCGIFFLAGS = 0x8913

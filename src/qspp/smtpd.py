@@ -10,12 +10,16 @@ import here, so only what each connection needs is imported.
 import os
 import sys
 
+import time
+
 import _signal
 from select import select
 
-from . import replies
+from . import control, replies, spp, sppconfig, startup
 from .diag import log
+from .queue import Queue, QueueStartError, queue_program
 from .session import COMMAND, DATA, CLOSED, MAX_COMMAND, Fatal, Session
+from .spprun import run_entry, cloexec_inherited_fds
 
 READ_SIZE = 131072
 
@@ -135,11 +139,6 @@ def _startup_fatal(reply: bytes, why) -> int:
 
 def run(argv, environ) -> int:
     """One connection, fds 0/1; returns the exit status (spec §2.5)."""
-    from . import control, startup, spp, sppconfig
-    from .spprun import run_entry, cloexec_inherited_fds
-    from .queue import Queue, QueueStartError, queue_program
-    import time
-
     home = environ.get(b"QMAILHOME") or b"/var/qmail"
     try:
         os.chdir(home)
