@@ -50,6 +50,7 @@ class Session:
         self.state = COMMAND
         self.exit_status = 0
         self.end = "eof"  # how the connection ended, for the SPPLOG summary
+        self.fatal_why = ""
         self.helo_name = None
         self.relay = settings.relayclient  # the relay right and its suffix, §5.5
         self.protocol = b"SMTP"
@@ -86,6 +87,7 @@ class Session:
         self.flush_soon = True
 
     def fatal(self, err: Fatal) -> None:
+        self.fatal_why = err.why  # the I/O loop logs it (spec §2.7)
         self.reply(err.reply)
         self.close(1, "fatal: " + err.reply.decode("ascii", "replace"))
 

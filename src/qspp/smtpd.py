@@ -102,6 +102,8 @@ class Connection:
                         buf = self.read()
                         pos = 0
             self.flush()
+            if session.fatal_why:
+                log(session.fatal_why)
             return session.exit_status
         except Fatal as err:
             session.abort()
@@ -191,6 +193,9 @@ def run(argv, environ) -> int:
 
 def main() -> None:
     _signal.signal(_signal.SIGPIPE, _signal.SIG_IGN)
+    # A parent that ignores SIGCHLD (swaks --pipe does) would make the kernel reap
+    # qmail-queue for us: waitpid would fail and a queued message get a 451.
+    _signal.signal(_signal.SIGCHLD, _signal.SIG_DFL)
     try:
         status = run(sys.argv[1:], os.environb)
     except Exception as e:  # spec §2.5: nothing more sent, one stderr line
