@@ -169,11 +169,15 @@ def run(argv, environ) -> int:
     engine = spp.SppEngine(config, env, timeout, run_entry, journal)
 
     def start_queue(env):
+        program = queue_program(env)
         try:
-            return Queue.start(queue_program(env), env)
+            queue = Queue.start(program, env)
         except QueueStartError as e:
-            log("cannot start the queue: %s" % (e,))
+            log(b"cannot start " + program + b": " + str(e).encode())
             raise OSError()
+        if queue.exec_error is not None:
+            log(b"cannot execute " + program + b": " + queue.exec_error.strerror.encode())
+        return queue
 
     def start_spool(env):
         from .spool import Spool
