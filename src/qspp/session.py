@@ -95,11 +95,7 @@ class Session:
 
     def start(self) -> None:
         """Run the connection hook and greet (spec §3 steps 4-5)."""
-        verdict, text = self.engine.connection()
-        self.out += text
-        if verdict == CLOSE:
-            self.close(0, "closed by " + self.engine.refuser.decode("utf-8", "replace"))
-        elif verdict != REFUSED:
+        if not self._stopped(self.engine.connection()):
             self.reply(replies.greeting(self.settings.greeting), flush=True)
 
     def command(self, line: bytes) -> None:
