@@ -47,30 +47,7 @@ def _open(path) -> "int | None":
         raise ControlError(path, e.errno) from None
 
 
-def _read_first_line(path) -> "bytes | None":
-    fd = _open(path)
-    if fd is None:
-        return None
-    try:
-        # qmail reads only up to the first LF; stopping there keeps a read
-        # error further into the file from mattering, as it does not there.
-        chunks = []
-        while True:
-            chunk = os.read(fd, _CHUNK)
-            if not chunk:
-                return b"".join(chunks)
-            lf = chunk.find(b"\n")
-            if lf >= 0:
-                chunks.append(chunk[:lf])
-                return b"".join(chunks)
-            chunks.append(chunk)
-    except OSError as e:
-        raise ControlError(path, e.errno) from None
-    finally:
-        os.close(fd)
-
-
-def _read_all(path) -> "bytes | None":
+def _read(path, first_line: bool) -> "bytes | None":
     fd = _open(path)
     if fd is None:
         return None
@@ -80,6 +57,13 @@ def _read_all(path) -> "bytes | None":
             chunk = os.read(fd, _CHUNK)
             if not chunk:
                 return b"".join(chunks)
+            if first_line:
+                # qmail reads only up to the first LF; stopping there keeps a
+                # read error further into the file from mattering, as there.
+                lf = chunk.find(b"\n")
+                if lf >= 0:
+                    chunks.append(chunk[:lf])
+                    return b"".join(chunks)
             chunks.append(chunk)
     except OSError as e:
         raise ControlError(path, e.errno) from None
@@ -89,7 +73,7 @@ def _read_all(path) -> "bytes | None":
 
 def read_line(path) -> "bytes | None":
     """The `line` class: first line, trailing blanks stripped, CR kept."""
-    line = _read_first_line(path)
+    line = _read(path, True)
     if line is None:
         return None
     return line.rstrip(b" \t")
@@ -174,7 +158,7 @@ def read_list(path) -> "list[bytes] | None":
     result at NULs, so a NUL inside a line separates entries (possibly empty
     ones) and a line starting with NUL is dropped like an empty one.
     """
-    data = _read_all(path)
+    data = _read(path, False)
     if data is None:
         return None
     entries = []

@@ -148,6 +148,20 @@ def _wait_until(pid, deadline):
             _close(pfd)
 
 
+def _dispatch(line, on_line):
+    """One output line, its CR already stripped (§4.3): cut at NUL, skip if
+    empty, return it if it is a terminator, else hand it to on_line."""
+    k = line.find(b"\0")
+    if k >= 0:
+        line = line[:k]
+    if line:
+        if line[0] in _TERMS:
+            return line
+        if on_line is not None:
+            on_line(line)
+    return None
+
+
 def run_entry(entry, env, timeout, stdin_fd=None, on_line=None):
     """Run one entry once and return a RunResult.
 
@@ -249,15 +263,9 @@ def run_entry(entry, env, timeout, stdin_fd=None, on_line=None):
                     if len(line) > LINE_CAP:
                         failure = OUTPUT_TOO_LONG
                         break
-                    k = line.find(b"\0")
-                    if k >= 0:
-                        line = line[:k]
-                    if line:
-                        if line[0] in _TERMS:
-                            term = line
-                            break
-                        if on_line is not None:
-                            on_line(line)
+                    term = _dispatch(line, on_line)
+                    if term is not None:
+                        break
                 if failure is not None:
                     break
                 if term is None and rest:
@@ -277,14 +285,7 @@ def run_entry(entry, env, timeout, stdin_fd=None, on_line=None):
             line = b"".join(parts)
             if line[-1:] == b"\r":
                 line = line[:-1]
-            k = line.find(b"\0")
-            if k >= 0:
-                line = line[:k]
-            if line:
-                if line[0] in _TERMS:
-                    term = line
-                elif on_line is not None:
-                    on_line(line)
+            term = _dispatch(line, on_line)
     except BaseException:
         _kill(pid)
         _close(rfd)
