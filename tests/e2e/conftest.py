@@ -11,6 +11,14 @@ smtpd   TcpServer for that home: `tcpserver -v -R -H -l 0 127.0.0.1 PORT wrapper
         smtpd.connect() returns a Client (the greeting G is read and checked).
         The wrapper sources the current environment settings at every connection
         and records qspp's pid, stderr and exit status under the client's port.
+        smtpd.connect(source="127.0.0.2") connects from another loopback address.
+spp_home
+        `home` turned into the fixture of spp.md §7 (control/me test.example, ...).
+rules_smtpd
+        Factory rules_smtpd(rules_text) -> RulesTcpServer: like smtpd, but tcpserver
+        runs with `-x rules.cdb` built by the real tcprules from rules_text, and the
+        variables the rules set reach qspp from tcpserver, not from the wrapper.
+home.python_plugin(rel, source) writes an executable `#!<real python> -I` plugin.
 
 The recorder (home.recorder) saves fd 0 as PID.M, fd 1 as PID.E, its environment
 as PID.env and its cwd as PID.cwd in home.queue, then exits with $CODE (default
@@ -36,7 +44,10 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 SRC = REPO / "src"
 PYTHON = sys.executable
+# The interpreter behind the venv, for plugin `#!` lines (spp.md §8: a real one, -I).
+REAL_PYTHON = os.path.realpath(sys.executable)
 TCPSERVER = shutil.which("tcpserver")
+TCPRULES = shutil.which("tcprules")
 
 G = b"mx.example.org"
 GREETING = b"220 mx.example.org ESMTP\r\n"
@@ -188,6 +199,11 @@ class QmailHome:
     def install_recorder(self, rel="bin/qmail-queue"):
         self.write(rel, self.recorder.read_bytes(), mode=0o755)
 
+    def python_plugin(self, rel: str, source: str):
+        """Write an executable Python plugin at REL (under the home): `#!REAL_PYTHON -I`
+        followed by SOURCE."""
+        return self.write(rel, "#!%s -I\n%s" % (REAL_PYTHON, source), mode=0o755)
+
     def cdb(self, rel: str, records: dict):
         """Write a djb cdb (tinycdb's `cdb -c` if present, else our own writer)."""
         p = self.write(rel, None)
@@ -283,12 +299,16 @@ def make_cdb(records: dict) -> bytes:
 class Client:
     """A raw SMTP client on one connection."""
 
-    def __init__(self, server, timeout=5.0):
+    def __init__(self, server, timeout=5.0, source=None):
         self.server = server
         self.home = server.home
         self.timeout = timeout
         self.t0 = time.time()
-        self.sock = socket.create_connection(("127.0.0.1", server.port), timeout=timeout)
+        # source: the client's own address (any 127.x.y.z works on loopback), for
+        # tcprules that match on it
+        self.sock = socket.create_connection(
+            ("127.0.0.1", server.port), timeout=timeout,
+            source_address=None if source is None else (source, 0))
         self.port = self.sock.getsockname()[1]
         self.buf = b""
         self.eof = False
@@ -424,6 +444,11 @@ class Client:
 
 
 class TcpServer:
+    # extra tcpserver options (before the address) and the variables the wrapper
+    # must leave as tcpserver set them (see RulesTcpServer)
+    options = ()
+    passthrough = frozenset()
+
     def __init__(self, home: QmailHome, base: Path):
         self.home = home
         self.state = base / "state"
@@ -437,9 +462,10 @@ class TcpServer:
         self.clients = []
 
     def _write_envsetup(self):
-        lines = ["unset " + " ".join(MANAGED)]
+        lines = ["unset " + " ".join(n for n in MANAGED if n not in self.passthrough)]
         lines.append("export PYTHONPATH=" + shlex.quote(str(SRC)))
         for k, v in self.home.env.items():
+            assert k not in self.passthrough, f"{k} is set by the tcprules, not home.setenv"
             v = v if isinstance(v, str) else v.decode("utf-8", "surrogateescape")
             lines.append(f"export {k}={shlex.quote(v)}")
         lines.append("set -- " + " ".join(shlex.quote(a) for a in self.home.command()))
@@ -460,8 +486,8 @@ class TcpServer:
                 port = s.getsockname()[1]
             with open(self.log, "wb") as log:
                 proc = subprocess.Popen(
-                    [TCPSERVER, "-v", "-R", "-H", "-l", "0", "127.0.0.1", str(port),
-                     str(self.wrapper)],
+                    [TCPSERVER, "-v", "-R", "-H", "-l", "0", *self.options,
+                     "127.0.0.1", str(port), str(self.wrapper)],
                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
                     env=env, start_new_session=True)
             deadline = time.monotonic() + 5
@@ -476,13 +502,15 @@ class TcpServer:
                 self._kill(proc)
         raise RuntimeError("could not start tcpserver: " + self.log.read_text(errors="replace"))
 
-    def connect(self, greet=GREETING, timeout=5.0) -> Client:
-        """Connect; if GREET is not None, read the first reply and compare it exactly."""
+    def connect(self, greet=GREETING, timeout=5.0, source=None) -> Client:
+        """Connect; if GREET is not None, read the first reply and compare it exactly.
+        SOURCE: the client address to connect from (default: the system's choice,
+        127.0.0.1)."""
         if self.proc is None:
             self.start()
         else:
             self._write_envsetup()
-        c = Client(self, timeout)
+        c = Client(self, timeout, source)
         self.clients.append(c)
         if greet is not None:
             assert c.reply() == greet
@@ -532,9 +560,47 @@ class TcpServer:
         self.proc.wait()
 
 
+class RulesTcpServer(TcpServer):
+    """A TcpServer started with `-x rules.cdb`, the cdb built by the real tcprules
+    from RULES (tcprules(1) syntax, e.g. `127.0.0.1:allow,NOSPP=""`).
+
+    The variables the rules set (NOSPP, SPPCONFFILE, ...) pass through the wrapper
+    untouched, so qspp sees exactly what tcpserver set from the matching rule; they
+    must not also be given with home.setenv."""
+
+    def __init__(self, home: QmailHome, base: Path, rules: str):
+        base.mkdir()
+        super().__init__(home, base)
+        if TCPRULES is None:
+            if os.environ.get("CI"):
+                pytest.fail("tcprules (ucspi-tcp) is not installed")
+            pytest.skip("tcprules (ucspi-tcp) is not installed")
+        self.rules = rules
+        self.cdb = base / "rules.cdb"
+        subprocess.run([TCPRULES, str(self.cdb), str(base / "rules.tmp")],
+                       input=rules.encode("utf-8", "surrogateescape"), check=True,
+                       stdout=subprocess.DEVNULL, timeout=10)
+        self.options = ("-x", str(self.cdb))
+        self.passthrough = frozenset(re.findall(r"[:,]([A-Za-z_][A-Za-z0-9_]*)=", rules))
+
+
 @pytest.fixture
 def home(tmp_path) -> QmailHome:
     return QmailHome(tmp_path)
+
+
+@pytest.fixture
+def spp_home(home) -> QmailHome:
+    """The fixture of spp.md §7 on top of `home`: control/me = test.example,
+    rcpthosts = example.com, badmailfrom = bad@spam.example, TCPREMOTEIP=192.0.2.1,
+    TCPREMOTEHOST=client.example, TCPLOCALIP=127.0.0.1, QMAILQUEUE = the recorder,
+    an empty smtpplugins. Greeting: `220 test.example ESMTP`."""
+    home.control("me", "test.example\n")
+    home.control("rcpthosts", "example.com\n")
+    home.control("badmailfrom", "bad@spam.example\n")
+    home.setenv(TCPREMOTEIP="192.0.2.1", TCPREMOTEHOST="client.example",
+                TCPLOCALIP="127.0.0.1")
+    return home
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -544,11 +610,7 @@ def pytest_runtest_makereport(item, call):
     setattr(item, "rep_" + rep.when, rep)
 
 
-@pytest.fixture
-def smtpd(home, tmp_path, request):
-    server = TcpServer(home, tmp_path)
-    yield server
-    server.stop()
+def _report_connections(server, request):
     rep = getattr(request.node, "rep_call", None)
     if rep is not None and rep.failed:
         # shown under "Captured stdout teardown": what each qspp process said and returned
@@ -557,6 +619,32 @@ def smtpd(home, tmp_path, request):
             st = server.state / f"{port}.status"
             status = st.read_text().strip() if st.exists() else "?"
             print(f"connection port {port}: exit {status}, stderr {err.read_bytes()!r}")
+
+
+@pytest.fixture
+def smtpd(home, tmp_path, request):
+    server = TcpServer(home, tmp_path)
+    yield server
+    server.stop()
+    _report_connections(server, request)
+
+
+@pytest.fixture
+def rules_smtpd(home, tmp_path, request):
+    """Factory: rules_smtpd(rules_text) -> a started RulesTcpServer for `home`
+    (tcpserver -x on a cdb that tcprules built from RULES_TEXT). Each call starts
+    its own server; all are stopped at teardown."""
+    servers = []
+
+    def start(rules_text: str) -> RulesTcpServer:
+        server = RulesTcpServer(home, tmp_path / f"rules{len(servers)}", rules_text)
+        servers.append(server)
+        server.start()
+        return server
+    yield start
+    for server in servers:
+        server.stop()
+        _report_connections(server, request)
 
 
 class Sender(threading.Thread):
