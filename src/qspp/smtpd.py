@@ -147,6 +147,10 @@ def run(argv, environ) -> int:
     except OSError as e:
         return _startup_fatal(replies.CONTROLS, "cannot chdir to %s: %s" % (
             home.decode("utf-8", "replace"), e.strerror))
+    if argv:
+        # spec §2.1: HOST alone means AUTH off, said once; a checkprogram would
+        # ask for AUTH, which this build does not have yet
+        log(b"AUTH is not available in this build: arguments ignored: " + b" ".join(argv))
     env = dict(environ)
     # no child may inherit a descriptor qspp did not give it (spec §2.4)
     cloexec_inherited_fds()
@@ -201,7 +205,7 @@ def main() -> None:
     # qmail-queue for us: waitpid would fail and a queued message get a 451.
     _signal.signal(_signal.SIGCHLD, _signal.SIG_DFL)
     try:
-        status = run(sys.argv[1:], os.environb)
+        status = run([os.fsencode(a) for a in sys.argv[1:]], os.environb)
     except Exception as e:  # spec §2.5: nothing more sent, one stderr line
         log("internal error: %s: %s" % (type(e).__name__, e))
         status = 1
