@@ -9,7 +9,11 @@ The session sends it and acts on the verdict; the engine never writes output.
 
 from . import replies
 from .diag import log
-from .session import CONTINUE, OVERRIDE, REFUSED, CLOSE
+from .session import CONTINUE, OVERRIDE, REFUSED, CLOSE, Fatal
+
+# Plugin output is capped per run (spprun), but H and L lines pile up across runs:
+# a [rcpt] plugin adding a header per RCPT would let a client grow them forever.
+MAX_PILE = 16 << 20
 
 _TERMINATORS = {b"A": CONTINUE, b"N": CONTINUE, b"O": OVERRIDE,
                 b"E": REFUSED, b"R": CLOSE, b"D": CLOSE}
@@ -162,10 +166,10 @@ class SppEngine:
         if cmd == b"P":
             self._text += text + b"\r\n"
         elif cmd == b"H":
-            if self._phase == "body":
-                self.body_buffer += text + b"\n"
-            else:
-                self.header_buffer += text + b"\n"
+            buf = self.body_buffer if self._phase == "body" else self.header_buffer
+            buf += text + b"\n"
+            if len(buf) > MAX_PILE:
+                raise Fatal(replies.OUT_OF_MEMORY, "plugin headers over 16 MiB")
         elif cmd == b"S":
             eq = text.find(b"=")
             if eq <= 0:
@@ -187,3 +191,5 @@ class SppEngine:
                 q = self.queues[name]
                 if not q.shown:
                     q.text += text[1:] + b"\r\n"
+                    if len(q.text) > MAX_PILE:
+                        raise Fatal(replies.OUT_OF_MEMORY, "deferred plugin errors over 16 MiB")

@@ -27,12 +27,18 @@ def _quote(value) -> str:
     return '"%s"' % _text(raw).replace("\\", "\\\\").replace('"', '\\"')
 
 
+# The summary names at most this many transactions, and recipients in each; the
+# rest are only counted, so a client cannot grow the journal without bound.
+MAX_LISTED = 100
+
+
 class Journal:
     """Collects what the summary line reports; writes the run lines at once."""
 
     def __init__(self, mode: bytes):
         self.json = mode == b"json"
         self.transactions = []
+        self.unlisted = 0
         self.current = None
 
     def _write(self, event: str, fields) -> None:
@@ -54,13 +60,20 @@ class Journal:
     def mail(self, sender: bytes, reply: bytes, by: bytes) -> None:
         # an accepted MAIL has no outcome until DATA gives it one
         refused = not reply.startswith(b"250")
-        self.current = {"from": sender, "rcpt": [], "bytes": None,
+        if len(self.transactions) >= MAX_LISTED:
+            self.unlisted += 1
+            self.current = None
+            return
+        self.current = {"from": sender, "rcpt": [], "bytes": None, "unlisted": 0,
                         "outcome": reply if refused else b"-", "by": by if refused else b"-"}
         self.transactions.append(self.current)
 
     def rcpt(self, recipient: bytes, reply: bytes, by: bytes) -> None:
         if self.current is not None:
-            self.current["rcpt"].append((recipient, reply[:3], by))
+            if len(self.current["rcpt"]) >= MAX_LISTED:
+                self.current["unlisted"] += 1
+            else:
+                self.current["rcpt"].append((recipient, reply[:3], by))
 
     def message(self, size, reply: bytes, by: bytes) -> None:
         if self.current is not None:
@@ -75,17 +88,23 @@ class Journal:
             fields.append(("transactions", [
                 {"from": t["from"],
                  "rcpt": [{"to": r, "reply": c, "by": b} for r, c, b in t["rcpt"]],
+                 "more_rcpt": t["unlisted"],
                  "bytes": t["bytes"], "outcome": t["outcome"], "by": t["by"]}
                 for t in self.transactions]))
+            fields.append(("more_transactions", self.unlisted))
         else:
             for n, t in enumerate(self.transactions, 1):
                 fields.append(("mail%d" % n, b"<" + t["from"] + b">"))
                 fields.append(("rcpt%d" % n, b",".join(
                     b"<%s>:%s%s" % (r, c, b"" if b == b"qmail" and c == b"250" else b"/" + b)
                     for r, c, b in t["rcpt"]) or b"-"))
+                if t["unlisted"]:
+                    fields.append(("more_rcpt%d" % n, t["unlisted"]))
                 fields.append(("bytes%d" % n, "-" if t["bytes"] is None else t["bytes"]))
                 fields.append(("outcome%d" % n, t["outcome"]))
                 fields.append(("by%d" % n, t["by"]))
+        if self.unlisted and not self.json:
+            fields.append(("more_transactions", self.unlisted))
         fields.append(("end", end))
         self._write("spp-summary", fields)
 
