@@ -579,7 +579,7 @@ def cmd_plugin_test(phase, entry, assignments, message, environ):
         # _run, not the public hooks: those set SMTPHELOHOST, SMTPMAILFROM,
         # the counters... from SMTP state this command does not have; here the
         # caller supplies them as NAME=value and they must reach the plugin.
-        verdict, text = engine._run(phase, stdin_fd)
+        verdict, text = engine.run_section(phase, stdin_fd)
     finally:
         if stdin_fd is not None:
             os.close(stdin_fd)

@@ -52,11 +52,11 @@ class SppEngine:
     # -- hooks --------------------------------------------------------------
 
     def connection(self):
-        return self._run("connection")
+        return self.run_section("connection")
 
     def helo(self, arg: bytes):
         self.env[b"SMTPHELOHOST"] = arg
-        return self._run("helo")
+        return self.run_section("helo")
 
     def mail(self, sender: bytes):
         """Returns (verdict, text); `address` then holds the sender after C."""
@@ -67,7 +67,7 @@ class SppEngine:
         self.address = sender
         if self.on:
             self.env[b"SMTPMAILFROM"] = sender
-        return self._run("mail")
+        return self.run_section("mail")
 
     def rcpt(self, recipient: bytes, hostsok: bool):
         """Returns (verdict, text); `address` then holds the recipient after C."""
@@ -82,7 +82,7 @@ class SppEngine:
         self.address = recipient
         if self.on:
             env[b"SMTPRCPTTO"] = recipient
-        return self._run("rcpt")
+        return self.run_section("rcpt")
 
     def rcpt_accepted(self) -> None:
         # Δ9: refreshed at once, so [data] sees the accepted total
@@ -93,7 +93,7 @@ class SppEngine:
         pending = self._pending("data")
         if pending is not None:
             return pending
-        return self._run("data")
+        return self.run_section("data")
 
     def wants_body(self) -> bool:
         """Decided at 354: spool the message for [body] plugins?"""
@@ -102,7 +102,7 @@ class SppEngine:
     def body(self, fd: int):
         """[body] with the spooled message on fd 0 (spp.md §6.1)."""
         self.body_buffer = bytearray()
-        return self._run("body", fd)
+        return self.run_section("body", fd)
 
     def headers(self) -> bytes:
         return bytes(self.header_buffer)
@@ -128,7 +128,11 @@ class SppEngine:
         self.refuser = b"deferred L" + phase[:1].upper().encode()
         return REFUSED, q.text
 
-    def _run(self, phase: str, stdin_fd=None):
+    def run_section(self, phase: str, stdin_fd=None):
+        """Run one section's entries in order (spp.md §4.1); (verdict, text).
+
+        The hooks above wrap it with their env exports and queue checks;
+        `qspp plugin-test` calls it directly to explain one run."""
         entries = self.sections.get(phase)
         if not entries or not self.on:
             return CONTINUE, b""
