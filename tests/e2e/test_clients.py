@@ -215,3 +215,28 @@ def test_missing_smtpplugins_one_stderr_line(home):
     assert p.returncode == 0
     lines = p.stderr.splitlines()
     assert len(lines) == 1 and re.match(rb"qspp: pid \d+: ", lines[0]), p.stderr
+
+
+# ---------------------------------------------------------------- stderr lines (spec §2.7)
+
+def test_queue_that_cannot_be_executed_is_logged_once(home):
+    home.setenv(QMAILQUEUE="/nonexistent")
+    p = home.run_pipes(b"MAIL FROM:<a@b>\r\nRCPT TO:<x@example.org>\r\nDATA\r\nhi\r\n.\r\nQUIT\r\n")
+    assert p.stdout.endswith(b"354 go ahead\r\n451 unable to exec qq (#4.3.0)\r\n"
+                             b"221 mx.example.org\r\n")
+    lines = p.stderr.splitlines()
+    assert len(lines) == 1
+    assert re.fullmatch(rb"qspp: pid \d+: cannot execute /nonexistent: No such file or directory",
+                        lines[0])
+
+
+def test_smtpd_arguments_are_ignored_with_one_line_while_auth_is_not_built(home):
+    home.args = ["mx.example.org", "/bin/checkpassword", "/bin/true"]
+    p = home.run_pipes(b"EHLO c\r\nAUTH PLAIN AHVzZXIAc2VjcmV0\r\nQUIT\r\n")
+    assert p.stdout == (b"220 mx.example.org ESMTP\r\n250-mx.example.org\r\n250-PIPELINING\r\n"
+                        b"250 8BITMIME\r\n502 unimplemented (#5.5.1)\r\n221 mx.example.org\r\n")
+    assert p.returncode == 0
+    lines = p.stderr.splitlines()
+    assert len(lines) == 1
+    assert re.fullmatch(rb"qspp: pid \d+: AUTH is not available in this build: arguments ignored: "
+                        rb"mx.example.org /bin/checkpassword /bin/true", lines[0])
