@@ -106,27 +106,25 @@ class Connection:
                 log(session.fatal_why)
             return session.exit_status
         except Fatal as err:
-            session.abort()
-            session.fatal(err)
-            if err.why:
-                log(err.why)
-            try:
-                self.flush()
-            except _Exit:
-                pass
-            return 1
+            return self._die(err)
         except _Exit as ex:
             session.end = ex.end
             return ex.status
         except MemoryError:
-            session.abort()
             session.out.clear()
-            session.fatal(Fatal(replies.OUT_OF_MEMORY))
-            try:
-                self.flush()
-            except _Exit:
-                pass
-            return 1
+            return self._die(Fatal(replies.OUT_OF_MEMORY))
+
+    def _die(self, err: Fatal) -> int:
+        """A fatal error the session did not catch itself: its reply, exit 1."""
+        self.session.abort()
+        self.session.fatal(err)
+        if err.why:
+            log(err.why)
+        try:
+            self.flush()
+        except _Exit:
+            pass
+        return 1
 
 
 def _startup_fatal(reply: bytes, why) -> int:
