@@ -26,6 +26,24 @@ RCPTHOSTS_TLS = (b"553 sorry, that domain isn't in my list of allowed rcpthosts;
 AUTH_REQUIRED = b"530 Authorization required (#5.7.1) "
 GO_AHEAD = b"354 go ahead"
 
+# AUTH (spec §8.2-§8.5)
+AUTH_OK = b"235 ok, go ahead (#2.0.0)"
+AUTH_FAILED = b"535 authentication failed (#5.7.1)"
+AUTH_CANCELED = b"501 auth exchange canceled (#5.0.0)"
+AUTH_MALFORMED = b"501 malformed auth input (#5.5.4)"
+AUTH_NOT_AVAILABLE = b"503 auth not available (#5.3.3)"
+AUTH_ALREADY = b"503 you're already authenticated (#5.5.0)"
+AUTH_IN_TRANSACTION = b"503 no auth during mail transaction (#5.5.0)"
+AUTH_TYPE = b"504 auth type unimplemented (#5.5.1)"
+AUTH_CHILD_CRASHED = b"454 oops, problem with child and I can't auth (#4.3.0)"
+AUTH_CHILD_NOSTART = b"454 oops, child won't start and I can't auth (#4.3.0)"
+AUTH_NO_PIPE = b"454 oops, unable to open pipe and I can't auth (#4.3.0)"
+AUTH_WRITE_PIPE = b"454 oops, unable to write pipe and I can't auth (#4.3.0)"
+
+# STARTTLS (spec §8.7)
+TLS_READY = b"220 ready for tls"
+TLS_NO_PARAMETERS = b"501 Syntax error (no parameters allowed) (#5.5.4)"
+
 # after the message
 BARE_LF = b"451 See http://pobox.com/~djb/docs/smtplf.html."
 TOO_MANY_HOPS = b"554 too many hops, this message is looping (#5.4.6)"
@@ -69,6 +87,18 @@ def quit(g: bytes) -> bytes:
 
 def queued(when: int, pid: int) -> bytes:
     return b"250 ok %d qp %d" % (when, pid)
+
+
+def tls_missing_certificate(reason: bytes) -> bytes:
+    return b"454 TLS missing certificate: " + reason + b" (#4.3.0)"
+
+
+def tls_cannot_initialize(reason: bytes) -> bytes:
+    return b"454 TLS unable to initialize ctx: " + reason + b" (#4.3.0)"
+
+
+def tls_failed(reason: bytes) -> bytes:
+    return b"454 TLS connection failed: " + reason + b" (#4.3.0)"
 
 
 def spp_failure(entry: bytes, what: bytes) -> bytes:

@@ -36,6 +36,14 @@ class Fatal(Exception):
         self.why = why
 
 
+class _NoTls:
+    """tls_io until the I/O loop gives a real one: STARTTLS never offered."""
+
+    @staticmethod
+    def offered() -> bool:
+        return False
+
+
 class Session:
     def __init__(self, settings, env, engine, start_queue, clock, start_spool=None):
         self.settings = settings
@@ -45,6 +53,16 @@ class Session:
         self.clock = clock
         self.start_spool = start_spool  # (env) -> spool.Spool, for [body] plugins
         self.journal = None  # spplog.Journal when SPPLOG is set
+        # I/O the session asks for but never does itself (set by the I/O loop):
+        # auth_io has .pid, .check(argv, data, env) -> None or a reply, .delay();
+        # tls_io has .offered() -> bool, .context(env) -> (context, None or a 454)
+        self.auth_io = None
+        self.tls_io = _NoTls
+        self.tls_request = None  # a TLS context: the I/O loop does the handshake
+        self.tls = False
+        self.authenticated = False
+        self._exchange = None  # the running AUTH mechanism (auth.py generator)
+        self._auth_method = b""
         self.out = bytearray()
         self.flush_soon = False
         self.state = COMMAND
@@ -70,7 +88,10 @@ class Session:
             b"vrfy": self.vrfy,
             b"help": self.help,
             b"quit": self.quit,
+            b"starttls": self.starttls,
         }
+        if settings.auth is not None:
+            self._verbs[b"auth"] = self.auth
 
     # -- output -------------------------------------------------------------
 
@@ -102,6 +123,12 @@ class Session:
         """One client line, without its LF (spec §4.1)."""
         if line[-1:] == b"\r":
             line = line[:-1]
+        if self._exchange is not None:
+            try:
+                self._auth_line(line)
+            except Fatal as err:
+                self.fatal(err)
+            return
         nul = line.find(b"\0")
         if nul >= 0:
             line = line[:nul]
@@ -141,9 +168,18 @@ class Session:
         self._close_transaction()
         g = self.settings.greeting
         if ehlo:
-            self.reply(b"250-" + g)
-            self.reply(b"250-PIPELINING")
-            self.reply(b"250 8BITMIME", flush=True)
+            lines = [g]
+            if not self.tls and self.tls_io.offered():
+                lines.append(b"STARTTLS")
+            lines += (b"PIPELINING", b"8BITMIME")
+            mode = self.settings.auth
+            if mode is not None:
+                lines.append(b"SIZE %d" % self.settings.databytes)
+                if mode.mechanisms is not None:
+                    lines.append(b"AUTH " + mode.mechanisms)
+            for text in lines[:-1]:
+                self.reply(b"250-" + text)
+            self.reply(b"250 " + lines[-1], flush=True)
         else:
             self.reply(replies.helo(g), flush=True)
 
@@ -174,10 +210,19 @@ class Session:
             raise Fatal(replies.MY_IP, "cannot list local IP addresses: %s" % (e,))
 
     def mail(self, arg: bytes) -> None:
+        mode = self.settings.auth
+        if mode is not None and mode.required and not self.authenticated:
+            self.reply(replies.AUTH_REQUIRED)
+            self._trail("mail", arg, replies.AUTH_REQUIRED, b"qmail")
+            return
         sender = self._address(arg)
         if sender is None:
             self.reply(replies.SYNTAX)
             self._trail("mail", arg, replies.SYNTAX, b"qmail")
+            return
+        if mode is not None and self._size_too_big(arg):
+            self.reply(replies.DATABYTES)
+            self._trail("mail", sender, replies.DATABYTES, b"qmail")
             return
         outcome = self.engine.mail(sender)
         if self._stopped(outcome, "mail", sender):
@@ -215,8 +260,9 @@ class Session:
         verdict = outcome[0]
         recipient = self.engine.address
         if verdict == CONTINUE and not hostsok:
-            self.reply(replies.RCPTHOSTS)
-            self._trail("rcpt", recipient, replies.RCPTHOSTS, b"qmail")
+            refusal = replies.RCPTHOSTS_TLS if self.tls else replies.RCPTHOSTS
+            self.reply(refusal)
+            self._trail("rcpt", recipient, refusal, b"qmail")
             return
         if self.relay is not None:
             recipient += self.relay
@@ -271,6 +317,147 @@ class Session:
         s = self.settings
         return received(s.remotehost, self.helo_name, self.remoteinfo, s.remoteip,
                         s.localhost, self.protocol, self.clock())
+
+    def _size_too_big(self, arg: bytes) -> bool:
+        """The SIZE= parameter of MAIL in AUTH mode (spec §8.6)."""
+        if arg.find(b">") < 5 or not self.settings.databytes:
+            return False
+        for word in arg.split(b" ")[1:]:
+            if word[:5].lower() == b"size=":
+                digits = 0
+                for c in word[5:]:
+                    if not 48 <= c <= 57:
+                        break
+                    digits += 1
+                if int(word[5:5 + digits] or b"0") > self.settings.databytes:
+                    return True
+        return False
+
+    # -- AUTH (spec §8) -------------------------------------------------------
+
+    def auth(self, arg: bytes) -> None:
+        self.flush_soon = True
+        if self.settings.auth.mechanisms is None:
+            self.reply(replies.AUTH_NOT_AVAILABLE)
+            return
+        if self.authenticated:
+            self.reply(replies.AUTH_ALREADY)
+            return
+        if self.mail_seen:
+            self.reply(replies.AUTH_IN_TRANSACTION)
+            return
+        space = arg.find(b" ")
+        if space < 0:
+            mechanism, initial = arg, b""
+        else:
+            mechanism, initial = arg[:space], arg[space:].lstrip(b" ")
+        from . import auth
+        mechanism = mechanism.lower()
+        if mechanism == b"login":
+            exchange = auth.login(initial)
+        elif mechanism == b"plain":
+            exchange = auth.plain(initial)
+        elif mechanism == b"cram-md5":
+            host = self.settings.auth.host or self.settings.localhost
+            exchange = auth.cram_md5(auth.challenge(self.auth_io.pid, int(self.clock()), host))
+        else:
+            self.reply(replies.AUTH_TYPE)
+            return
+        self._auth_method = mechanism
+        self._exchange = exchange
+        self._auth_step(None)
+
+    def _auth_line(self, line: bytes) -> None:
+        """One line of the AUTH exchange: never a command (spec §8.2)."""
+        self.flush_soon = True
+        if line == b"*":
+            self._exchange = None
+            self.reply(replies.AUTH_CANCELED)
+        elif not line:
+            self._exchange = None
+            self.reply(replies.AUTH_MALFORMED)
+        else:
+            self._auth_step(line)
+
+    def _auth_step(self, line) -> None:
+        from .auth import Malformed
+        try:
+            prompt = self._exchange.send(line)
+        except StopIteration as done:
+            self._exchange = None
+            self._authenticate(*done.value)
+        except Malformed:
+            self._exchange = None
+            self.reply(replies.AUTH_MALFORMED)
+        else:
+            self.reply(prompt, flush=True)
+
+    def _authenticate(self, user: bytes, secret: bytes, challenge: bytes) -> None:
+        from .auth import checkprogram_data
+        io = self.auth_io
+        refusal = io.check(self.settings.auth.checkargv,
+                           checkprogram_data(user, secret, challenge), self.env)
+        if refusal is not None:
+            if refusal == replies.AUTH_FAILED:
+                io.delay()
+            self.reply(refusal)
+            return
+        env = self.env
+        outcome = self.engine.auth(user, self._auth_method)
+        if self._stopped(outcome):
+            # Δ10: a refused user must not look authenticated to later plugins
+            env.pop(b"SMTPAUTHUSER", None)
+            env.pop(b"SMTPAUTHMETHOD", None)
+            return
+        self.authenticated = True
+        self.relay = b""
+        self.protocol = b"ESMTPA"
+        self.remoteinfo = user
+        env[b"TCPREMOTEINFO"] = user
+        env[b"RELAYCLIENT"] = b""
+        self.reply(replies.AUTH_OK)
+
+    # -- STARTTLS (spec §8.7) -------------------------------------------------
+
+    def starttls(self, arg: bytes) -> None:
+        self.flush_soon = True
+        if self.tls or not self.tls_io.offered():
+            self.reply(replies.UNIMPLEMENTED)
+            return
+        if arg:
+            self.reply(replies.TLS_NO_PARAMETERS)
+            return
+        try:
+            context, refusal = self.tls_io.context(self.env)
+        except ControlError as e:
+            raise Fatal(replies.CONTROLS, str(e))
+        if refusal is not None:
+            self.reply(refusal)
+            return
+        self.reply(replies.TLS_READY)
+        self.tls_request = context
+
+    def tls_started(self, cipher: bytes) -> None:
+        """The handshake succeeded: forget what the client said before (D8)."""
+        self.tls_request = None
+        self.tls = True
+        self.protocol = b"ESMTPS (" + cipher + b" encrypted)"
+        self.helo_name = None
+        self._close_transaction()
+        if self.authenticated:
+            s = self.settings
+            env = self.env
+            self.authenticated = False
+            self.relay = s.relayclient
+            self.remoteinfo = s.remoteinfo
+            for name, value in ((b"TCPREMOTEINFO", s.remoteinfo),
+                                (b"RELAYCLIENT", s.relayclient)):
+                if value is None:
+                    env.pop(name, None)
+                else:
+                    env[name] = value
+            env.pop(b"SMTPAUTHUSER", None)
+            env.pop(b"SMTPAUTHMETHOD", None)
 
     def rset(self, arg: bytes) -> None:
         self._close_transaction()

@@ -15,7 +15,7 @@ import time
 import _signal
 from select import select
 
-from . import control, replies, spp, sppconfig, startup
+from . import authmode, control, replies, spp, sppconfig, startup
 from .diag import log
 from .queue import Queue, QueueStartError, queue_program
 from .session import COMMAND, DATA, CLOSED, MAX_COMMAND, Fatal, Session
@@ -31,22 +31,25 @@ class _Exit(Exception):
         self.end = end
 
 
+class _Timeout(Exception):
+    pass
+
+
 class Connection:
-    """Reads and writes fds 0/1 for one session under the per-I/O timeout."""
+    """Reads and writes fds 0/1 for one session under the per-I/O timeout.
+
+    After STARTTLS every byte goes through `channel` (tls.Channel), which uses
+    the raw reads and writes below, so the timeout holds for TLS as well.
+    """
 
     def __init__(self, session, timeout, rfd=0, wfd=1):
         self.session = session
         self.timeout = timeout
         self.rfd = rfd
         self.wfd = wfd
+        self.channel = None
 
-    def flush(self) -> None:
-        out = self.session.out
-        if not out:
-            return
-        data = bytes(out)
-        out.clear()
-        self.session.flush_soon = False
+    def _raw_write(self, data) -> None:
         view = memoryview(data)
         try:
             while view:
@@ -56,16 +59,39 @@ class Connection:
         except OSError:
             raise _Exit(1, "write error")
 
+    def _raw_read(self) -> bytes:
+        if not select((self.rfd,), (), (), self.timeout)[0]:
+            raise _Timeout()
+        return os.read(self.rfd, READ_SIZE)
+
+    def flush(self) -> None:
+        out = self.session.out
+        if not out:
+            return
+        data = bytes(out)
+        out.clear()
+        self.session.flush_soon = False
+        if self.channel is None:
+            self._raw_write(data)
+        else:
+            try:
+                self.channel.write(data)
+            except OSError:  # ssl.SSLError included
+                raise _Exit(1, "write error")
+
     def read(self) -> bytes:
         self.flush()
         try:
-            if not select((self.rfd,), (), (), self.timeout)[0]:
-                self.session.abort()
-                self.session.reply(replies.TIMEOUT)
-                self.flush()
-                raise _Exit(1, "timeout")
-            data = os.read(self.rfd, READ_SIZE)
-        except OSError:
+            if self.channel is None:
+                data = self._raw_read()
+            else:
+                data = self.channel.read()
+        except _Timeout:
+            self.session.abort()
+            self.session.reply(replies.TIMEOUT)
+            self.flush()
+            raise _Exit(1, "timeout")
+        except OSError:  # ssl.SSLError included
             self.session.abort()
             raise _Exit(1, "read error")
         if not data:
@@ -95,6 +121,11 @@ class Connection:
                     line = buf[pos:lf]
                     pos = lf + 1
                     session.command(line)
+                    if session.tls_request is not None:
+                        # the injection fix (§8.7): what came after STARTTLS is dropped
+                        buf = b""
+                        pos = 0
+                        self._start_tls()
                 else:
                     if pos < len(buf):
                         pos += session.data(memoryview(buf)[pos:])
@@ -114,6 +145,21 @@ class Connection:
             session.out.clear()
             return self._die(Fatal(replies.OUT_OF_MEMORY))
 
+    def _start_tls(self) -> None:
+        from .tls import Channel, reason
+        self.flush()
+        channel = Channel(self.session.tls_request, self._raw_read, self._raw_write)
+        try:
+            channel.handshake()
+        except (_Timeout, OSError) as e:
+            why = b"timeout" if isinstance(e, _Timeout) else reason(e)
+            self.session.tls_request = None
+            self.session.reply(replies.tls_failed(why))
+            self.session.close(1, "TLS handshake failed")
+            return  # the 454 goes out in cleartext: no channel yet
+        self.channel = channel
+        self.session.tls_started(channel.cipher)
+
     def _die(self, err: Fatal) -> int:
         """A fatal error the session did not catch itself: its reply, exit 1."""
         self.session.abort()
@@ -125,6 +171,32 @@ class Connection:
         except _Exit:
             pass
         return 1
+
+
+class _TlsIO:
+    @staticmethod
+    def offered() -> bool:
+        return os.path.exists(b"control/servercert.pem")
+
+    @staticmethod
+    def context(env):
+        from .tls import context
+        return context(env)
+
+
+class _AuthIO:
+    def __init__(self):
+        self.pid = os.getpid()  # at connection time: `qspp serve` forks after import
+
+    @staticmethod
+    def check(argv, data, env):
+        from .checkpassword import check
+        return check(argv, data, env)
+
+    @staticmethod
+    def delay() -> None:
+        from .checkpassword import delay
+        delay()
 
 
 def _startup_fatal(reply: bytes, why) -> int:
@@ -145,15 +217,18 @@ def run(argv, environ) -> int:
     except OSError as e:
         return _startup_fatal(replies.CONTROLS, "cannot chdir to %s: %s" % (
             home.decode("utf-8", "replace"), e.strerror))
+    auth_mode = None
     if argv:
-        # spec §2.1: HOST alone means AUTH off, said once; a checkprogram would
-        # ask for AUTH, which this build does not have yet
-        log(b"AUTH is not available in this build: arguments ignored: " + b" ".join(argv))
+        host, checkargv, note = authmode.read_args(argv, environ)
+        if note is not None:
+            log(note)
+        if checkargv is not None:
+            auth_mode = authmode.AuthMode(host, checkargv, environ.get(b"SMTPAUTH"))
     env = dict(environ)
     # no child may inherit a descriptor qspp did not give it (spec §2.4)
     cloexec_inherited_fds()
     try:
-        settings = startup.load(env)
+        settings = startup.load(env, auth_mode)
         config = sppconfig.load_config(env)
     except control.ControlError as e:
         return _startup_fatal(replies.CONTROLS, str(e))
@@ -187,6 +262,9 @@ def run(argv, environ) -> int:
 
     session = Session(settings, env, engine, start_queue, time.time, start_spool)
     session.journal = journal
+    session.tls_io = _TlsIO
+    if auth_mode is not None:
+        session.auth_io = _AuthIO()
     try:
         session.start()
     except Fatal as err:

@@ -95,6 +95,12 @@ class SppEngine:
             return pending
         return self.run_section("data")
 
+    def auth(self, user: bytes, method: bytes):
+        """[auth] after the checkprogram accepted (spp.md §3.1); method lowercase."""
+        self.env[b"SMTPAUTHUSER"] = user
+        self.env[b"SMTPAUTHMETHOD"] = method
+        return self.run_section("auth")
+
     def wants_body(self) -> bool:
         """Decided at 354: spool the message for [body] plugins?"""
         return self.on and bool(self.sections.get("body"))

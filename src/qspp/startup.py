@@ -10,11 +10,13 @@ from . import control
 class Settings:
     __slots__ = ("greeting", "localiphost", "timeout", "rcpthosts", "badmailfrom",
                  "databytes", "relayclient", "remotehost", "remoteip", "localhost",
-                 "remoteinfo", "is_local_ip")
+                 "remoteinfo", "is_local_ip", "auth")
 
 
-def load(env) -> Settings:
+def load(env, auth=None) -> Settings:
+    """auth: an authmode.AuthMode, or None when AUTH is off."""
     s = Settings()
+    s.auth = auth
     me = control.read_line(b"control/me")
     greeting = control.read_line(b"control/smtpgreeting")
     if greeting is None:

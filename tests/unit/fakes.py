@@ -208,6 +208,7 @@ def settings(**kw):
     s.localhost = b"198.51.100.1"
     s.remoteinfo = None
     s.is_local_ip = lambda ip: ip in {b"127.0.0.1", b"0.0.0.0"}
+    s.auth = None
     for k, v in kw.items():
         setattr(s, k, v)
     return s
