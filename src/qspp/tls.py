@@ -16,7 +16,9 @@ READ_SIZE = 131072
 def reason(err) -> bytes:
     """One line of the SSL library's text for `err`, no CR or LF."""
     if isinstance(err, ssl.SSLError):
-        text = err.reason or (err.args[1] if len(err.args) > 1 else str(err))
+        # set_ciphers raises an SSLError made by Python, without .reason
+        text = getattr(err, "reason", None) or (
+            err.args[1] if len(err.args) > 1 else str(err))
         text = str(text).lower().replace("_", " ")
     elif isinstance(err, OSError) and err.strerror:
         text = err.strerror
