@@ -230,13 +230,13 @@ def test_queue_that_cannot_be_executed_is_logged_once(home):
                         lines[0])
 
 
-def test_smtpd_arguments_are_ignored_with_one_line_while_auth_is_not_built(home):
-    home.args = ["mx.example.org", "/bin/checkpassword", "/bin/true"]
+def test_host_without_checkprogram_is_auth_off_with_one_line(home):
+    home.args = ["mx.example.org"]
     p = home.run_pipes(b"EHLO c\r\nAUTH PLAIN AHVzZXIAc2VjcmV0\r\nQUIT\r\n")
     assert p.stdout == (b"220 mx.example.org ESMTP\r\n250-mx.example.org\r\n250-PIPELINING\r\n"
                         b"250 8BITMIME\r\n502 unimplemented (#5.5.1)\r\n221 mx.example.org\r\n")
     assert p.returncode == 0
     lines = p.stderr.splitlines()
     assert len(lines) == 1
-    assert re.fullmatch(rb"qspp: pid \d+: AUTH is not available in this build: arguments ignored: "
-                        rb"mx.example.org /bin/checkpassword /bin/true", lines[0])
+    assert re.fullmatch(rb"qspp: pid \d+: HOST mx.example.org without a checkprogram: AUTH is off",
+                        lines[0])
