@@ -65,13 +65,15 @@ def check(argv, data: bytes, env):
             _, status = os.waitpid(pid, 0)
         except OSError:
             return replies.AUTH_CHILD_CRASHED
-        if write_failed:
-            return replies.AUTH_WRITE_PIPE
         if os.WIFSIGNALED(status):
             return replies.AUTH_CHILD_CRASHED
-        if os.WEXITSTATUS(status) == 0:
-            return None
-        return replies.AUTH_FAILED
+        if os.WEXITSTATUS(status) != 0:
+            # a refusal stands even if the program quit before reading fd 3
+            # (then the write may fail, depending on who runs first)
+            return replies.AUTH_FAILED
+        if write_failed:
+            return replies.AUTH_WRITE_PIPE  # accepted without reading: don't trust it
+        return None
     finally:
         for fd in (rfd, wfd):
             if fd >= 0:
