@@ -31,7 +31,8 @@ def check(argv, data: bytes, env):
         return replies.AUTH_NO_PIPE
     try:
         if rfd == 3:
-            # dup2(3, 3) would leave close-on-exec set and the child without fd 3
+            # a dup2(3, 3) action clears close-on-exec only in newer C libraries
+            # (glibc 2.29+); elsewhere the child would start without fd 3
             moved = os.dup(rfd)
             os.close(rfd)
             rfd = moved
