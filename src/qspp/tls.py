@@ -41,7 +41,8 @@ def context(env):
     except (ssl.SSLError, OSError) as e:
         return None, replies.tls_cannot_initialize(reason(e))
     try:
-        ctx.load_cert_chain(CERTIFICATE)
+        # an encrypted key must fail, not make OpenSSL prompt on a terminal
+        ctx.load_cert_chain(CERTIFICATE, password=lambda: b"")
     except (ssl.SSLError, OSError) as e:
         return None, replies.tls_missing_certificate(reason(e))
     try:
