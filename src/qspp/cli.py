@@ -2,6 +2,7 @@
 
     qspp check [ARGS...]                  config and control-file sanity
     qspp plugin-test [--message FILE] PHASE ENTRY [NAME=value ...]
+    qspp serve [--port N] [--rules FILE.cdb] ...  the built-in listener (serve.py)
     qspp version | qspp --version
 
 Never on the per-connection path, so argparse and friends are fine here.
@@ -11,6 +12,7 @@ the same under every locale and tests can assert it line by line.
 
 import argparse
 import os
+import re
 import shutil
 import stat
 import sys
@@ -155,6 +157,40 @@ def _entry_lines(data):
     return out
 
 
+# The user connections run as: tcpserver -u in every qmail guide.
+SESSION_USER = "qmaild"
+
+
+def _session_user():
+    """(name, uid, gids) of SESSION_USER when check runs as root and the user
+    exists, else None. Root may read and run nearly anything, so only then do
+    the permission checks need to ask what qmaild may do."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        import grp
+        import pwd
+        pw = pwd.getpwnam(SESSION_USER)
+    except (ImportError, KeyError):
+        return None
+    gids = {pw.pw_gid} | {g.gr_gid for g in grp.getgrall() if SESSION_USER in g.gr_mem}
+    return SESSION_USER, pw.pw_uid, gids
+
+
+def _user_may(st, user, bits):
+    """Do the mode bits give `user` all of `bits` (4 read, 1 execute)?"""
+    _, uid, gids = user
+    if uid == 0:
+        return True
+    shift = 6 if st.st_uid == uid else 3 if st.st_gid in gids else 0
+    return (st.st_mode >> shift) & bits == bits
+
+
+def _denied(st, user, what):
+    return "%s cannot %s it (mode %04o, owner %d:%d)" % (
+        user[0], what, st.st_mode & 0o7777, st.st_uid, st.st_gid)
+
+
 def _exec_problems(entry):
     """(kind, text) findings for a non-`:` entry, relative to the cwd."""
     try:
@@ -182,6 +218,13 @@ def _exec_problems(entry):
     except OSError:
         # Executable but unreadable to us: the kernel may still run a binary.
         return []
+    user = _session_user()
+    if user is not None:
+        # an interpreter must also read the script
+        script = head[:2] == b"#!"
+        if not _user_may(st, user, 5 if script else 1):
+            return [("error", "%s: %s" % (_text(entry), _denied(
+                st, user, "read and execute" if script else "execute")))]
     if head[:2] == b"#!":
         line = head[2:].split(b"\n", 1)[0].lstrip(b" \t")
         interp = line
@@ -204,6 +247,15 @@ def _exec_problems(entry):
         return [("warning", "%s: neither a #! script nor an ELF binary: exec will likely fail"
                  " (can't execute)" % _text(entry))]
     return []
+
+
+def _cr_warning(report, name, entries, effect):
+    """One warning for a list file whose entries end in CR (a CRLF file):
+    qmail strips only spaces and tabs, so each such entry keeps its CR."""
+    n = sum(1 for e in entries if e.endswith(b"\r"))
+    if n:
+        report.add("warning", "%d %s in CR (CRLF file?): qmail keeps the CR, so %s"
+                   % (n, "entry ends" if n == 1 else "entries end", effect), name)
 
 
 def _check_controls(report):
@@ -233,25 +285,156 @@ def _check_controls(report):
         if b"\r" in greeting:
             report.add("warning", "contains a CR (CRLF file?), which qmail keeps in the greeting",
                        source)
+        if values[b"control/me"] is None and b"control/me" not in unreadable:
+            # qmail-send, qmail-inject and friends refuse to run without it.
+            report.add("warning", "absent: the rest of qmail (qmail-send, qmail-inject) needs it"
+                       + ("" if values[b"control/localiphost"] is not None else
+                          "; with no control/localiphost either, addresses at this host's"
+                          " [IP] are not rewritten"), b"control/me")
+    for name in (b"control/me", b"control/localiphost"):
+        value = values[name]
+        if name != source and value is not None and b"\r" in value:
+            report.add("warning", "contains a CR (CRLF file?), which qmail keeps in the name", name)
     for name in (b"control/timeoutsmtpd", b"control/databytes"):
         try:
             control.read_int(name)
         except control.ControlError as e:
             report.add("error", "%s (%s)" % (e, _CONTROLS_421))
     try:
-        rh = control.Rcpthosts.load()
+        hosts = control.read_list(b"control/rcpthosts")
+    except control.ControlError as e:
+        report.add("error", "%s (%s)" % (e, _CONTROLS_421))
+        hosts = False
+    more = os.path.lexists(b"control/morercpthosts.cdb")
+    if hosts is False:
+        pass
+    elif hosts is None:
+        report.add("warning", "absent: every recipient domain is accepted (open relay)",
+                   b"control/rcpthosts")
+        if more:
+            report.add("warning", "ignored: qmail reads it only when control/rcpthosts exists",
+                       b"control/morercpthosts.cdb")
+    else:
+        try:
+            rh = control.Rcpthosts.load()
+            try:
+                # The cdb is read only at a lookup: connections meet a broken
+                # one at the first recipient outside rcpthosts.
+                rh.allows(b"postmaster@qspp-check.invalid")
+            finally:
+                rh.close()
+        except control.ControlError as e:
+            report.add("error", "%s (%s)" % (e, _CONTROLS_421))
+        if not hosts and not more:
+            report.add("warning", "lists no domain: every recipient address with an @ is refused"
+                       " (553) unless RELAYCLIENT is set", b"control/rcpthosts")
+        _cr_warning(report, b"control/rcpthosts", hosts, "those domains are never accepted")
+    try:
+        bad = control.read_list(b"control/badmailfrom")
     except control.ControlError as e:
         report.add("error", "%s (%s)" % (e, _CONTROLS_421))
     else:
-        if not rh.present:
-            report.add("warning", "absent: every recipient domain is accepted (open relay)",
-                       b"control/rcpthosts")
-        rh.close()
-    try:
-        control.read_list(b"control/badmailfrom")
-    except control.ControlError as e:
-        report.add("error", "%s (%s)" % (e, _CONTROLS_421))
+        _cr_warning(report, b"control/badmailfrom", bad or (), "those senders are never refused")
     return lines
+
+
+def _check_queue(report, env):
+    """The queue program (qmail-smtpd.md §2.6), relative to the home as a
+    connection runs it; the listing line says which one."""
+    from .queue import queue_program
+    program = queue_program(env)
+    for kind, text in _exec_problems(program):
+        report.add(kind, text + " (the queue program: messages get 451 instead of being queued)")
+    return "queue: %s (%s)" % (_text(program),
+                               "from QMAILQUEUE" if env.get(b"QMAILQUEUE") else "default")
+
+
+_SERVERCERT = b"control/servercert.pem"
+_SSL_SOURCE = re.compile(r" \(_ssl\.c:\d+\)$")
+
+
+def _ssl_reason(e):
+    # The SSL library's text without the CPython source position, on one line.
+    text = e.args[1] if len(e.args) > 1 and isinstance(e.args[1], str) else str(e.args[0])
+    return _SSL_SOURCE.sub("", text).replace("\r", " ").replace("\n", " ")
+
+
+def _cert_hint(path):
+    """What a PEM file lacks, in words: OpenSSL says only "PEM lib"."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(1 << 20)
+    except OSError:
+        return ""
+    if b"ENCRYPTED" in data:
+        return ": the private key is encrypted, and nobody is there to type its passphrase"
+    if b"-----BEGIN CERTIFICATE-----" not in data:
+        return ": the file holds no certificate"
+    if b"PRIVATE KEY-----" not in data:
+        return ": the file holds no private key (it needs the key after the certificate chain)"
+    return ""
+
+
+def _check_tls(report, env):
+    """STARTTLS as qmail-smtpd.md §8.7 decides it; returns the listing line."""
+    try:
+        os.stat(_SERVERCERT)
+    except FileNotFoundError:
+        return "STARTTLS: not offered (no control/servercert.pem; STARTTLS gets 502)"
+    except OSError as e:
+        report.add("error", "%s (STARTTLS is not offered)" % e.strerror, _SERVERCERT)
+        return "STARTTLS: not offered (control/servercert.pem cannot be looked up)"
+    # Only here: ssl is slow to import and the rest of check has no use for it.
+    import ssl
+
+    def context():
+        return ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    state = "offered (control/servercert.pem loads)"
+    try:
+        # A callable password: an encrypted key fails instead of prompting on the tty.
+        context().load_cert_chain(os.fsdecode(_SERVERCERT), password=lambda: b"")
+    except ssl.SSLError as e:
+        reason = _ssl_reason(e) + _cert_hint(_SERVERCERT)
+    except OSError as e:
+        reason = e.strerror or str(e)
+    else:
+        reason = None
+    if reason is None:
+        user = _session_user()
+        st = os.stat(_SERVERCERT)
+        if user is not None and not _user_may(st, user, 4):
+            reason = _denied(st, user, "read")
+    if reason is not None:
+        state = "offered, but fails (control/servercert.pem does not load)"
+        report.add("error", "does not load: %s (STARTTLS gets 454 TLS missing certificate)"
+                   % reason, _SERVERCERT)
+
+    ciphers = env.get(b"TLSCIPHERS")
+    place = None
+    if ciphers is not None:
+        source = "from TLSCIPHERS"
+        what = "TLSCIPHERS=%s" % _q(ciphers)
+    else:
+        place = b"control/tlsserverciphers"
+        try:
+            names = control.read_list(place)
+        except control.ControlError as e:
+            report.add("error", "%s (STARTTLS gets 421 unable to read controls (#4.3.0))" % e)
+            return "STARTTLS: %s, ciphers unreadable" % state
+        if names is None:
+            ciphers, source, place = b"DEFAULT", "default", None
+        else:
+            _cr_warning(report, place, names, "OpenSSL does not know those names")
+            ciphers, source = b":".join(names), "control/tlsserverciphers"
+        what = "cipher list %s" % _q(ciphers)
+    try:
+        context().set_ciphers(ciphers.decode("ascii"))
+    except (ssl.SSLError, UnicodeDecodeError) as e:
+        reason = (_ssl_reason(e) if isinstance(e, ssl.SSLError)
+                  else "not ASCII")
+        report.add("error", "%s rejected: %s (STARTTLS gets 454 TLS unable to initialize ctx)"
+                   % (what, reason), place)
+    return "STARTTLS: %s, ciphers %s (%s)" % (state, _q(ciphers), source)
 
 
 def cmd_check(args, environ):
@@ -267,6 +450,8 @@ def cmd_check(args, environ):
 
     for line in _check_controls(report):
         _out(line)
+    _out(_check_queue(report, env))
+    _out(_check_tls(report, env))
     timeout, warning = sppconfig.spptimeout(env)
     _out(_timeout_line(env, timeout))
     if warning:
@@ -692,6 +877,10 @@ def main(argv=None):
 
 
 def _main(argv):
+    if argv[:1] == ["serve"]:
+        # its own parser and no import of the rest here: see serve.py
+        from . import serve
+        return serve.main(argv[1:])
     parser, test_parser = _parser()
     try:
         if argv[:1] == ["plugin-test"]:

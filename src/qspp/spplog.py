@@ -2,7 +2,8 @@
 
 Imported only when SPPLOG is set, so a normal connection pays nothing.  Lines
 keep the common `qspp: pid PID: ` prefix; the text after it is `key=value`
-pairs, or one JSON object with `SPPLOG=json`.
+pairs, or one JSON object with `SPPLOG=json`.  README.md ("Logs") documents
+the fields; names only ever get added, so admins' greps keep working.
 """
 
 from .diag import log
@@ -23,13 +24,33 @@ def _quote(value) -> str:
     raw = value if isinstance(value, bytes) else str(value).encode()
     if raw and all(c in _SAFE for c in raw):
         return raw.decode("ascii")
-    # quoted so a parser can split the line at spaces; \ and " escaped
-    return '"%s"' % _text(raw).replace("\\", "\\\\").replace('"', '\\"')
+    # quoted so a parser can split the line at spaces; \ and " escaped, and
+    # control bytes too, so one connection stays one line for multilog/journald
+    text = _text(raw).replace("\\", "\\\\").replace('"', '\\"')
+    return '"%s"' % text.translate(_CONTROL)
 
 
-# The summary names at most this many transactions, and recipients in each; the
-# rest are only counted, so a client cannot grow the journal without bound.
+_CONTROL = {c: "\\x%02x" % c for c in list(range(0x20)) + [0x7F]}
+_CONTROL.update({0x09: "\\t", 0x0A: "\\n", 0x0D: "\\r"})
+
+
+# The summary names at most this many transactions, recipients in each, and
+# plugin runs; the rest are only counted, so a client cannot grow the journal
+# without bound.
 MAX_LISTED = 100
+
+_QUEUED = b"250 ok "
+
+
+def queue_id(reply: bytes):
+    """The `qp N` of `250 ok T qp N` (qmail-queue's pid, which qmail logs as
+    the message's `qp` too), or None for any other reply."""
+    if not reply.startswith(_QUEUED):
+        return None
+    words = reply.split()
+    if len(words) == 5 and words[3] == b"qp" and words[4].isdigit():
+        return int(words[4])
+    return None
 
 
 class Journal:
@@ -40,6 +61,8 @@ class Journal:
         self.transactions = []
         self.unlisted = 0
         self.current = None
+        self.runs = []          # (section, entry, verdict, ms) for the summary
+        self.unlisted_runs = 0
 
     def _write(self, event: str, fields) -> None:
         if self.json:
@@ -54,12 +77,17 @@ class Journal:
     def run(self, phase: str, entry: bytes, verdict, exit_status, ms: int) -> None:
         self._write("spp-run", (("section", phase), ("entry", entry), ("verdict", verdict),
                                 ("exit", "-" if exit_status is None else exit_status), ("ms", ms)))
+        if len(self.runs) >= MAX_LISTED:
+            self.unlisted_runs += 1
+        else:
+            self.runs.append((phase, entry, verdict, ms))
 
     # -- the transaction trail for the summary -------------------------------
 
     def mail(self, sender: bytes, reply: bytes, by: bytes) -> None:
         # an accepted MAIL has no outcome until DATA gives it one
-        refused = not reply.startswith(b"250")
+        reply = reply.rstrip(b"\r\n")
+        refused = not _last_line(reply).startswith(b"250")
         if len(self.transactions) >= MAX_LISTED:
             self.unlisted += 1
             self.current = None
@@ -73,12 +101,12 @@ class Journal:
             if len(self.current["rcpt"]) >= MAX_LISTED:
                 self.current["unlisted"] += 1
             else:
-                self.current["rcpt"].append((recipient, reply[:3], by))
+                self.current["rcpt"].append((recipient, _last_line(reply)[:3], by))
 
     def message(self, size, reply: bytes, by: bytes) -> None:
         if self.current is not None:
             self.current["bytes"] = size
-            self.current["outcome"] = reply
+            self.current["outcome"] = reply.rstrip(b"\r\n")
             self.current["by"] = by
 
     def summary(self, settings, helo, end: str) -> None:
@@ -89,9 +117,13 @@ class Journal:
                 {"from": t["from"],
                  "rcpt": [{"to": r, "reply": c, "by": b} for r, c, b in t["rcpt"]],
                  "more_rcpt": t["unlisted"],
-                 "bytes": t["bytes"], "outcome": t["outcome"], "by": t["by"]}
+                 "bytes": t["bytes"], "outcome": t["outcome"], "qp": queue_id(t["outcome"]),
+                 "by": t["by"]}
                 for t in self.transactions]))
             fields.append(("more_transactions", self.unlisted))
+            fields.append(("runs", [{"section": p, "entry": e, "verdict": v, "ms": ms}
+                                    for p, e, v, ms in self.runs]))
+            fields.append(("more_runs", self.unlisted_runs))
         else:
             for n, t in enumerate(self.transactions, 1):
                 fields.append(("mail%d" % n, b"<" + t["from"] + b">"))
@@ -102,11 +134,29 @@ class Journal:
                     fields.append(("more_rcpt%d" % n, t["unlisted"]))
                 fields.append(("bytes%d" % n, "-" if t["bytes"] is None else t["bytes"]))
                 fields.append(("outcome%d" % n, t["outcome"]))
+                qp = queue_id(t["outcome"])
+                fields.append(("qp%d" % n, "-" if qp is None else qp))
                 fields.append(("by%d" % n, t["by"]))
-        if self.unlisted and not self.json:
-            fields.append(("more_transactions", self.unlisted))
+            if self.unlisted:
+                fields.append(("more_transactions", self.unlisted))
+            # section,verdict,ms,entry: the entry last, as it may hold commas
+            for n, (p, e, v, ms) in enumerate(self.runs, 1):
+                fields.append(("run%d" % n, b"%s,%s,%d,%s" % (p.encode(), _bytes(v), ms, e)))
+            if self.unlisted_runs:
+                fields.append(("more_runs", self.unlisted_runs))
         fields.append(("end", end))
         self._write("spp-summary", fields)
+
+
+def _last_line(reply: bytes) -> bytes:
+    # The reply's code is its last line's: a plugin's P lines (250-...) may
+    # come before the refusal.
+    reply = reply.rstrip(b"\r\n")
+    return reply[reply.rfind(b"\n") + 1:]
+
+
+def _bytes(value) -> bytes:
+    return value if isinstance(value, bytes) else str(value).encode()
 
 
 def _jsonable(value):

@@ -18,6 +18,9 @@ def qhome(tmp_path):
     (h / "control").mkdir(parents=True)
     (h / "control" / "me").write_bytes(b"test.example\n")
     (h / "control" / "rcpthosts").write_bytes(b"example.com\n")
+    (h / "bin").mkdir()
+    (h / "bin" / "qmail-queue").write_bytes(b"#!/bin/sh\nexit 0\n")
+    (h / "bin" / "qmail-queue").chmod(0o755)
     return h
 
 
@@ -44,6 +47,17 @@ def test_check_process_exit_status(qhome):
     assert p.stderr == b""
     (qhome / "control" / "smtpplugins").write_bytes(b"[helo]\n:echo N\n")
     assert qspp(qhome, "check").returncode == 0
+    # warnings alone leave the status 0
+    (qhome / "control" / "rcpthosts").unlink()
+    p = qspp(qhome, "check")
+    assert p.returncode == 0
+    assert p.stdout.endswith(b"\ncheck: 0 errors, 1 warning, 0 notes\n")
+    # a certificate that does not load is an error
+    (qhome / "control" / "servercert.pem").write_bytes(b"junk\n")
+    p = qspp(qhome, "check")
+    assert p.returncode == 1
+    assert b"\ncontrol/servercert.pem: error: does not load: " in p.stdout
+    assert p.stdout.endswith(b"\ncheck: 1 error, 1 warning, 0 notes\n")
 
 
 def test_plugin_test_process(qhome):

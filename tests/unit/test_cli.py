@@ -19,7 +19,10 @@ def home(tmp_path, monkeypatch):
     (h / "plugins").mkdir()
     (h / "control" / "me").write_bytes(b"test.example\n")
     (h / "control" / "rcpthosts").write_bytes(b"example.com\n")
-    for name in ("NOSPP", "SPPCONFFILE", "SPPTIMEOUT", "SPPLOG", "QMAILQUEUE"):
+    (h / "bin").mkdir()
+    (h / "bin" / "qmail-queue").write_bytes(b"#!/bin/sh\nexit 0\n")
+    (h / "bin" / "qmail-queue").chmod(0o755)
+    for name in ("NOSPP", "SPPCONFFILE", "SPPTIMEOUT", "SPPLOG", "QMAILQUEUE", "TLSCIPHERS"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("QMAILHOME", str(h))
     monkeypatch.chdir(tmp_path)
@@ -37,15 +40,25 @@ def plugin(home, name, body, mode=0o755):
     return p
 
 
+# lines before `config:` in a home with control/me: see prelude()
+PRE = 6
+
+
 def run(capsys, *argv):
     status = cli.main(list(argv))
     out, err = capsys.readouterr()
     return status, out.splitlines(), err
 
 
+QUEUE_LINE = "queue: bin/qmail-queue (default)"
+NO_TLS = "STARTTLS: not offered (no control/servercert.pem; STARTTLS gets 502)"
+
+
 def prelude(home, auth="off (no arguments)", timeout="60 s (default)"):
     return ["home: %s" % home,
             'greeting: "220 test.example ESMTP" (control/me)',
+            QUEUE_LINE,
+            NO_TLS,
             "SPPTIMEOUT: " + timeout,
             "AUTH mode: " + auth]
 
@@ -72,7 +85,7 @@ def test_check_clean_config(home, capsys):
 def test_check_sections_listed_in_phase_order_with_repeats_appended(home, capsys):
     config(home, b"[rcpt]\n:echo 1\n[helo]\n:echo 2\n[rcpt]\n:echo 3\n")
     status, out, _ = run(capsys, "check")
-    assert out[5:10] == [
+    assert out[PRE + 1:PRE + 6] == [
         "[helo]",
         '  line 4: :echo 2 -> ["/bin/sh", "-c", "echo 2"]',
         "[rcpt]",
@@ -85,7 +98,7 @@ def test_check_sections_listed_in_phase_order_with_repeats_appended(home, capsys
 def test_check_undocumented_headers(home, capsys):
     config(home, b"[Helo]\n:echo E501\n[mailx]\n:echo E502\n")
     status, out, _ = run(capsys, "check")
-    assert out[4:] == [
+    assert out[PRE:] == [
         "config: control/smtpplugins",
         "[mail]",
         '  line 4: :echo E502 -> ["/bin/sh", "-c", "echo E502"]',
@@ -146,7 +159,7 @@ def test_check_missing_config_is_a_note(home, capsys):
 def test_check_empty_config(home, capsys):
     config(home, b"# nothing yet\n")
     status, out, _ = run(capsys, "check")
-    assert out[4:] == ["config: control/smtpplugins", "no plugin entries",
+    assert out[PRE:] == ["config: control/smtpplugins", "no plugin entries",
                        "check: 0 errors, 0 warnings, 0 notes"]
     assert status == 0
 
@@ -156,7 +169,7 @@ def test_check_path_entry_with_space(home, capsys):
     plugin(home, "x", b"#!/bin/sh\necho N\n")
     config(home, b"[helo]\nplugins/x arg\n")
     status, out, _ = run(capsys, "check")
-    assert out[4:] == [
+    assert out[PRE:] == [
         "config: control/smtpplugins",
         "[helo]",
         '  line 2: plugins/x arg -> ["plugins/x arg"]',
@@ -173,7 +186,7 @@ def test_check_lines_042_reads_differently(home, capsys):
     # §7.1 #4 and #5: leading whitespace, CRLF
     config(home, b"[helo]\r\n:echo E550 crlf\r\n  # note\n")
     status, out, _ = run(capsys, "check")
-    assert out[4:] == [
+    assert out[PRE:] == [
         "config: control/smtpplugins",
         "[helo]",
         '  line 2: :echo E550 crlf -> ["/bin/sh", "-c", "echo E550 crlf"]',
@@ -213,7 +226,7 @@ def test_check_unreadable_config(home, capsys):
     # §7.1 #2: a directory; a connection answers 421
     (home / "control" / "smtpplugins").mkdir()
     status, out, _ = run(capsys, "check")
-    assert out[4:] == [
+    assert out[PRE:] == [
         "config: control/smtpplugins (unreadable)",
         "error: unable to read control/smtpplugins: Is a directory"
         " (connections get 421 unable to read controls (#4.3.0))",
@@ -226,7 +239,7 @@ def test_check_nospp(home, capsys, monkeypatch):
     (home / "control" / "smtpplugins").mkdir()
     monkeypatch.setenv("NOSPP", "")
     status, out, _ = run(capsys, "check")
-    assert out[4:] == ["config: none: NOSPP is set, plugins are off and no file is read",
+    assert out[PRE:] == ["config: none: NOSPP is set, plugins are off and no file is read",
                        "check: 0 errors, 0 warnings, 0 notes"]
     assert status == 0
 
@@ -235,14 +248,14 @@ def test_check_sppconffile(home, capsys, monkeypatch):
     (home / "control" / "alt").write_bytes(b"[helo]\n:echo E550 alt\n")
     monkeypatch.setenv("SPPCONFFILE", "control/alt")
     status, out, _ = run(capsys, "check")
-    assert out[4:6] == ["config: control/alt (from SPPCONFFILE)", "[helo]"]
+    assert out[PRE:PRE + 2] == ["config: control/alt (from SPPCONFFILE)", "[helo]"]
     assert status == 0
 
 
 def test_check_sppconffile_missing_is_an_error(home, capsys, monkeypatch):
     monkeypatch.setenv("SPPCONFFILE", "control/typo")
     status, out, _ = run(capsys, "check")
-    assert out[4:] == [
+    assert out[PRE:] == [
         "config: control/typo (unreadable)",
         "error: unable to read control/typo: No such file or directory"
         " (connections get 421 unable to read controls (#4.3.0))",
@@ -284,7 +297,7 @@ def test_check_auth_entries_outside_auth_mode(home, capsys):
 def test_check_auth_mode_reading(home, capsys, args, how):
     config(home, b"[auth]\n:echo E535 no\n")
     status, out, _ = run(capsys, "check", *args)
-    assert out[3] == "AUTH mode: " + how
+    assert out[PRE - 1] == "AUTH mode: " + how
     assert out[-1] == "check: 0 errors, 0 warnings, 0 notes"
     assert status == 0
 
@@ -292,7 +305,7 @@ def test_check_auth_mode_reading(home, capsys, args, how):
 def test_check_host_alone(home, capsys):
     config(home, b"")
     status, out, _ = run(capsys, "check", "mail.example")
-    assert out[3] == 'AUTH mode: off: HOST "mail.example" without a checkprogram'
+    assert out[PRE - 1] == 'AUTH mode: off: HOST "mail.example" without a checkprogram'
     assert out[-2:] == ["warning: HOST without a checkprogram: AUTH is off"
                         " (connections log one stderr line)",
                         "check: 0 errors, 1 warning, 0 notes"]
@@ -308,7 +321,7 @@ def test_check_bare_checkprogram_on_path(home, capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(bindir))
     config(home, b"")
     status, out, _ = run(capsys, "check", "checkpw", "/bin/true")
-    assert out[3] == ('AUTH mode: on: no HOST (the first argument has no "." and is an executable'
+    assert out[PRE - 1] == ('AUTH mode: on: no HOST (the first argument has no "." and is an executable'
                       ' on PATH: %s/checkpw), checkprogram ["checkpw", "/bin/true"]' % bindir)
     assert status == 0
 
@@ -316,7 +329,7 @@ def test_check_bare_checkprogram_on_path(home, capsys, monkeypatch, tmp_path):
 def test_check_dashdash_before_args(home, capsys):
     config(home, b"")
     status, out, _ = run(capsys, "check", "--", "/bin/check")
-    assert out[3] == 'AUTH mode: on: no HOST (the first argument contains "/"), checkprogram ["/bin/check"]'
+    assert out[PRE - 1] == 'AUTH mode: on: no HOST (the first argument contains "/"), checkprogram ["/bin/check"]'
 
 
 def test_check_control_files(home, capsys, monkeypatch):
@@ -328,6 +341,8 @@ def test_check_control_files(home, capsys, monkeypatch):
     status, out, _ = run(capsys, "check")
     assert out == [
         "home: %s" % home,
+        QUEUE_LINE,
+        NO_TLS,
         "SPPTIMEOUT: 60 s",
         "AUTH mode: off (no arguments)",
         "config: control/smtpplugins",
@@ -358,7 +373,7 @@ def test_check_spptimeout_zero(home, capsys, monkeypatch):
     monkeypatch.setenv("SPPTIMEOUT", "0")
     config(home, b"")
     _, out, _ = run(capsys, "check")
-    assert out[2] == "SPPTIMEOUT: no limit (0)"
+    assert out[PRE - 2] == "SPPTIMEOUT: no limit (0)"
 
 
 def test_check_home_missing(home, capsys, monkeypatch, tmp_path):
@@ -368,6 +383,402 @@ def test_check_home_missing(home, capsys, monkeypatch, tmp_path):
                    "error: cannot chdir to %s: No such file or directory"
                    " (connections get 421 unable to read controls (#4.3.0))" % (tmp_path / "nowhere"),
                    "check: 1 error, 0 warnings, 0 notes"]
+    assert status == 1
+
+
+# --- qspp check: what a newcomer's home gets wrong --------------------------
+
+# A throwaway self-signed P-256 certificate (CN test.example, valid to 2126) and
+# its key, a second unrelated key, and the first key encrypted (passphrase x).
+CERT = b"""-----BEGIN CERTIFICATE-----
+MIIBhjCCASugAwIBAgIUTr2T6Btx8Zt4+yiP6Vo3Om6NuZgwCgYIKoZIzj0EAwIw
+FzEVMBMGA1UEAwwMdGVzdC5leGFtcGxlMCAXDTI2MTEyNTE2MjgwNloYDzIxMjYx
+MTAxMTYyODA2WjAXMRUwEwYDVQQDDAx0ZXN0LmV4YW1wbGUwWTATBgcqhkjOPQIB
+BggqhkjOPQMBBwNCAASuE7cMZjz56SBXSpNVyACjbfm2tvmFARYjzxLjH6YwW0yy
+8bbFymNmlFw2T0vmXGoAiQXifPnuO26ShAd45kZyo1MwUTAdBgNVHQ4EFgQUAFS/
+c+MCwu6oo5BBPebEYEGlnA4wHwYDVR0jBBgwFoAUAFS/c+MCwu6oo5BBPebEYEGl
+nA4wDwYDVR0TAQH/BAUwAwEB/zAKBggqhkjOPQQDAgNJADBGAiEAimmx1JELqxsm
+zJoPgzu+MhQz5JXXjRs+YN1ZbExUKpACIQD/4Sn4J/ub0hBl05lby/7C45i1sOFt
+9kDF4GFJT1g5yA==
+-----END CERTIFICATE-----
+"""
+KEY = b"""-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgvtQABNx19LetoK22
+o9cL6T9+I3ggHtIHF02/mr1q6ZOhRANCAASuE7cMZjz56SBXSpNVyACjbfm2tvmF
+ARYjzxLjH6YwW0yy8bbFymNmlFw2T0vmXGoAiQXifPnuO26ShAd45kZy
+-----END PRIVATE KEY-----
+"""
+OTHER_KEY = b"""-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgFCzXSxp7ieB6Ig5r
+8fttE8iAZH1SXjIELxWEQ6OMaV6hRANCAARjU+a4mu+BT4YJ4142x/S+A5BFUCIB
+Z25bBbqWCGLFwgRm2tfV9coQcufj9rbp3ZSIPmz9E5/ABdb8kEPAg/YE
+-----END PRIVATE KEY-----
+"""
+ENCRYPTED_KEY = b"""-----BEGIN EC PRIVATE KEY-----
+Proc-Type: 4,ENCRYPTED
+DEK-Info: AES-128-CBC,CDF533203E5CB5D8FDCA884DBBBF2670
+
+WnBidkBNCENpOiKycH1MEW6MHMjUkgn42T2elV/Z5bHWoMmqtMydTHb6veRQdWaa
+4aoLOTNnEMuljLoEyPz953BdhOSnnEBD4sbD6gH9DAT4FGyUbdCONQRDGdvMjxs8
+2NlJHRUPt5SCVeR+wTfLeiZQ1FIAiCY4ysFQtvpQwkA=
+-----END EC PRIVATE KEY-----
+"""
+
+CERT_LOADS = 'STARTTLS: offered (control/servercert.pem loads), ciphers "DEFAULT" (default)'
+CERT_FAILS = ('STARTTLS: offered, but fails (control/servercert.pem does not load),'
+              ' ciphers "DEFAULT" (default)')
+
+
+def control_file(home, name, data):
+    (home / "control" / name).write_bytes(data)
+
+
+def findings(out):
+    """The lines after the listing: findings and the count line."""
+    k = next(i for i, line in enumerate(out) if line.startswith("config: "))
+    return [line for line in out[k + 1:] if not line.startswith(("[", "  ", "no plugin"))]
+
+
+def test_check_me_absent_with_smtpgreeting(home, capsys):
+    (home / "control" / "me").unlink()
+    control_file(home, "smtpgreeting", b"mx.example\n")
+    config(home, b"")
+    status, out, _ = run(capsys, "check")
+    assert out[1] == 'greeting: "220 mx.example ESMTP" (control/smtpgreeting)'
+    assert findings(out) == [
+        "control/me: warning: absent: the rest of qmail (qmail-send, qmail-inject) needs it;"
+        " with no control/localiphost either, addresses at this host's [IP] are not rewritten",
+        "check: 0 errors, 1 warning, 0 notes",
+    ]
+    assert status == 0
+    control_file(home, "localiphost", b"mx.example\n")
+    status, out, _ = run(capsys, "check")
+    assert findings(out) == [
+        "control/me: warning: absent: the rest of qmail (qmail-send, qmail-inject) needs it",
+        "check: 0 errors, 1 warning, 0 notes",
+    ]
+
+
+def test_check_me_crlf(home, capsys):
+    # the greeting qmail sends is then "220 a.b\r ESMTP"
+    control_file(home, "me", b"a.b\r\n")
+    config(home, b"")
+    status, out, _ = run(capsys, "check")
+    assert out[1] == 'greeting: "220 a.b\\r ESMTP" (control/me)'
+    assert findings(out) == [
+        "control/me: warning: contains a CR (CRLF file?), which qmail keeps in the greeting",
+        "check: 0 errors, 1 warning, 0 notes",
+    ]
+    assert status == 0
+
+
+def test_check_me_and_localiphost_crlf_behind_smtpgreeting(home, capsys):
+    control_file(home, "me", b"a.b\r\n")
+    control_file(home, "localiphost", b"c.d\r\n")
+    control_file(home, "smtpgreeting", b"a.b\n")
+    config(home, b"")
+    status, out, _ = run(capsys, "check")
+    assert findings(out) == [
+        "control/me: warning: contains a CR (CRLF file?), which qmail keeps in the name",
+        "control/localiphost: warning: contains a CR (CRLF file?), which qmail keeps in the name",
+        "check: 0 errors, 2 warnings, 0 notes",
+    ]
+    assert status == 0
+
+
+def test_check_rcpthosts_empty(home, capsys):
+    control_file(home, "rcpthosts", b"# nothing yet\n\n")
+    config(home, b"")
+    status, out, _ = run(capsys, "check")
+    assert findings(out) == [
+        "control/rcpthosts: warning: lists no domain: every recipient address with an @ is"
+        " refused (553) unless RELAYCLIENT is set",
+        "check: 0 errors, 1 warning, 0 notes",
+    ]
+    assert status == 0
+    # the domains may all be in morercpthosts.cdb
+    control_file(home, "morercpthosts.cdb", bytes(2048))
+    status, out, _ = run(capsys, "check")
+    assert findings(out) == ["check: 0 errors, 0 warnings, 0 notes"]
+
+
+def test_check_rcpthosts_absent_with_morercpthosts(home, capsys):
+    (home / "control" / "rcpthosts").unlink()
+    control_file(home, "morercpthosts.cdb", bytes(2048))
+    config(home, b"")
+    status, out, _ = run(capsys, "check")
+    assert findings(out) == [
+        "control/rcpthosts: warning: absent: every recipient domain is accepted (open relay)",
+        "control/morercpthosts.cdb: warning: ignored: qmail reads it only when"
+        " control/rcpthosts exists",
+        "check: 0 errors, 2 warnings, 0 notes",
+    ]
+    assert status == 0
+
+
+def test_check_unreadable_morercpthosts(home, capsys):
+    (home / "control" / "morercpthosts.cdb").mkdir()
+    config(home, b"")
+    status, out, _ = run(capsys, "check")
+    assert findings(out) == [
+        "error: unable to read control/morercpthosts.cdb: Is a directory"
+        " (connections get 421 unable to read controls (#4.3.0))",
+        "check: 1 error, 0 warnings, 0 notes",
+    ]
+    assert status == 1
+
+
+def test_check_crlf_lists(home, capsys):
+    control_file(home, "rcpthosts", b"example.com\r\nexample.net\r\nexample.org\n")
+    control_file(home, "badmailfrom", b"bad@spam.example\r\n")
+    config(home, b"")
+    status, out, _ = run(capsys, "check")
+    assert findings(out) == [
+        "control/rcpthosts: warning: 2 entries end in CR (CRLF file?): qmail keeps the CR,"
+        " so those domains are never accepted",
+        "control/badmailfrom: warning: 1 entry ends in CR (CRLF file?): qmail keeps the CR,"
+        " so those senders are never refused",
+        "check: 0 errors, 2 warnings, 0 notes",
+    ]
+    assert status == 0
+
+
+def test_check_queue_program(home, capsys, monkeypatch):
+    (home / "bin" / "qmail-queue").unlink()
+    config(home, b"")
+    status, out, _ = run(capsys, "check")
+    assert out[2] == "queue: bin/qmail-queue (default)"
+    assert findings(out) == [
+        "error: bin/qmail-queue: no such file (the queue program: messages get 451"
+        " instead of being queued)",
+        "check: 1 error, 0 warnings, 0 notes",
+    ]
+    assert status == 1
+    q = plugin(home, "queue", b"#!/bin/sh\n", mode=0o644)
+    monkeypatch.setenv("QMAILQUEUE", str(q))
+    status, out, _ = run(capsys, "check")
+    assert out[2] == "queue: %s (from QMAILQUEUE)" % q
+    assert findings(out) == [
+        "error: %s: not executable (mode 0644) (the queue program: messages get 451"
+        " instead of being queued)" % q,
+        "check: 1 error, 0 warnings, 0 notes",
+    ]
+    # D3: empty means the default
+    monkeypatch.setenv("QMAILQUEUE", "")
+    _, out, _ = run(capsys, "check")
+    assert out[2] == "queue: bin/qmail-queue (default)"
+
+
+def test_check_servercert_loads(home, capsys):
+    control_file(home, "servercert.pem", CERT + KEY)
+    config(home, b"")
+    status, out, _ = run(capsys, "check")
+    assert out[3] == CERT_LOADS
+    assert findings(out) == ["check: 0 errors, 0 warnings, 0 notes"]
+    assert status == 0
+
+
+# The SSL library's own reason comes first; its wording is OpenSSL's (3.0 here).
+@pytest.mark.parametrize("pem, reason", [
+    (CERT, r"\[SSL\] PEM lib: the file holds no private key"
+           r" \(it needs the key after the certificate chain\)"),
+    (KEY, r"\[SSL\] PEM lib: the file holds no certificate"),
+    (b"junk\n", r"\[SSL\] PEM lib: the file holds no certificate"),
+    (CERT + OTHER_KEY, r"\[X509: KEY_VALUES_MISMATCH\] key values mismatch"),
+    (CERT + ENCRYPTED_KEY, r"\[SSL\] PEM lib: the private key is encrypted,"
+                           r" and nobody is there to type its passphrase"),
+])
+def test_check_servercert_does_not_load(home, capsys, pem, reason):
+    control_file(home, "servercert.pem", pem)
+    config(home, b"")
+    status, out, _ = run(capsys, "check")
+    assert out[3] == CERT_FAILS
+    (line, count) = findings(out)
+    assert re.fullmatch(r"control/servercert\.pem: error: does not load: " + reason
+                        + r" \(STARTTLS gets 454 TLS missing certificate\)", line), line
+    assert count == "check: 1 error, 0 warnings, 0 notes"
+    assert status == 1
+
+
+def test_check_servercert_directory(home, capsys):
+    (home / "control" / "servercert.pem").mkdir()
+    config(home, b"")
+    status, out, _ = run(capsys, "check")
+    assert out[3] == CERT_FAILS
+    assert findings(out) == [
+        "control/servercert.pem: error: does not load: Is a directory"
+        " (STARTTLS gets 454 TLS missing certificate)",
+        "check: 1 error, 0 warnings, 0 notes",
+    ]
+    assert status == 1
+
+
+def test_check_tlsserverciphers(home, capsys):
+    control_file(home, "servercert.pem", CERT + KEY)
+    control_file(home, "tlsserverciphers", b"HIGH\n!aNULL\n")
+    config(home, b"")
+    status, out, _ = run(capsys, "check")
+    assert out[3] == ('STARTTLS: offered (control/servercert.pem loads),'
+                      ' ciphers "HIGH:!aNULL" (control/tlsserverciphers)')
+    assert findings(out) == ["check: 0 errors, 0 warnings, 0 notes"]
+    assert status == 0
+
+
+def test_check_tlsserverciphers_rejected_and_crlf(home, capsys):
+    control_file(home, "servercert.pem", CERT + KEY)
+    control_file(home, "tlsserverciphers", b"HIGH\r\n")
+    config(home, b"")
+    status, out, _ = run(capsys, "check")
+    assert out[3] == ('STARTTLS: offered (control/servercert.pem loads),'
+                      ' ciphers "HIGH\\r" (control/tlsserverciphers)')
+    assert findings(out) == [
+        "control/tlsserverciphers: warning: 1 entry ends in CR (CRLF file?): qmail keeps"
+        " the CR, so OpenSSL does not know those names",
+        'control/tlsserverciphers: error: cipher list "HIGH\\r" rejected: No cipher can be'
+        " selected. (STARTTLS gets 454 TLS unable to initialize ctx)",
+        "check: 1 error, 1 warning, 0 notes",
+    ]
+    assert status == 1
+
+
+def test_check_tlsciphers_env(home, capsys, monkeypatch):
+    control_file(home, "servercert.pem", CERT + KEY)
+    control_file(home, "tlsserverciphers", b"HIGH\n")
+    monkeypatch.setenv("TLSCIPHERS", "nonsense")
+    config(home, b"")
+    status, out, _ = run(capsys, "check")
+    assert out[3] == ('STARTTLS: offered (control/servercert.pem loads),'
+                      ' ciphers "nonsense" (from TLSCIPHERS)')
+    assert findings(out) == [
+        'error: TLSCIPHERS="nonsense" rejected: No cipher can be selected.'
+        " (STARTTLS gets 454 TLS unable to initialize ctx)",
+        "check: 1 error, 0 warnings, 0 notes",
+    ]
+    assert status == 1
+
+
+def test_check_tlsserverciphers_unreadable(home, capsys):
+    control_file(home, "servercert.pem", CERT + KEY)
+    (home / "control" / "tlsserverciphers").mkdir()
+    config(home, b"")
+    status, out, _ = run(capsys, "check")
+    assert out[3] == "STARTTLS: offered (control/servercert.pem loads), ciphers unreadable"
+    assert findings(out) == [
+        "error: unable to read control/tlsserverciphers: Is a directory"
+        " (STARTTLS gets 421 unable to read controls (#4.3.0))",
+        "check: 1 error, 0 warnings, 0 notes",
+    ]
+    assert status == 1
+
+
+def test_check_ciphers_unused_without_servercert(home, capsys):
+    # never read while STARTTLS is not offered
+    (home / "control" / "tlsserverciphers").mkdir()
+    config(home, b"")
+    status, out, _ = run(capsys, "check")
+    assert out[3] == NO_TLS
+    assert findings(out) == ["check: 0 errors, 0 warnings, 0 notes"]
+    assert status == 0
+
+
+def as_qmaild(monkeypatch, uid=4242, gids=(4243,)):
+    """check as root on a system with a qmaild user: permissions are judged for it."""
+    monkeypatch.setattr(cli, "_session_user", lambda: ("qmaild", uid, set(gids)))
+
+
+def test_check_plugins_qmaild_cannot_run(home, capsys, monkeypatch):
+    # qmaild is in the plugins' group, which may execute but not read "group"
+    as_qmaild(monkeypatch, gids=(os.getgid(),))
+    mine = plugin(home, "mine", b"#!/bin/sh\necho N\n", mode=0o700)
+    group = plugin(home, "group", b"#!/bin/sh\necho N\n", mode=0o710)
+    plugin(home, "binary", b"\x7fELF", mode=0o711)
+    plugin(home, "fine", b"#!/bin/sh\necho N\n", mode=0o755)
+    config(home, b"[helo]\nplugins/mine\nplugins/group\nplugins/binary\nplugins/fine\n")
+    status, out, _ = run(capsys, "check")
+    owner = "%d:%d" % (os.stat(mine).st_uid, os.stat(mine).st_gid)
+    assert owner == "%d:%d" % (os.stat(group).st_uid, os.stat(group).st_gid)
+    assert findings(out) == [
+        "control/smtpplugins:2: error: plugins/mine: qmaild cannot read and execute it"
+        " (mode 0700, owner %s)" % owner,
+        "control/smtpplugins:3: error: plugins/group: qmaild cannot read and execute it"
+        " (mode 0710, owner %s)" % owner,
+        "check: 2 errors, 0 warnings, 0 notes",
+    ]
+    assert status == 1
+
+
+def test_check_servercert_qmaild_cannot_read(home, capsys, monkeypatch):
+    as_qmaild(monkeypatch)
+    control_file(home, "servercert.pem", CERT + KEY)
+    cert = home / "control" / "servercert.pem"
+    cert.chmod(0o600)
+    config(home, b"")
+    status, out, _ = run(capsys, "check")
+    assert out[3] == CERT_FAILS
+    assert findings(out) == [
+        "control/servercert.pem: error: does not load: qmaild cannot read it (mode 0600,"
+        " owner %d:%d) (STARTTLS gets 454 TLS missing certificate)"
+        % (os.stat(cert).st_uid, os.stat(cert).st_gid),
+        "check: 1 error, 0 warnings, 0 notes",
+    ]
+    assert status == 1
+    cert.chmod(0o644)
+    status, out, _ = run(capsys, "check")
+    assert out[3] == CERT_LOADS
+    assert status == 0
+
+
+def test_session_user_lookup():
+    # only root's view needs the correction; qmaild rarely exists on a test box
+    user = cli._session_user()
+    if os.geteuid() != 0:
+        assert user is None
+    elif user is not None:
+        assert user[0] == "qmaild" and isinstance(user[1], int)
+
+
+def test_check_newcomer_home(home, capsys):
+    """Everything at once, as a first install tends to have it: every problem
+    reported in one run, errors make the exit status."""
+    (home / "control" / "me").write_bytes(b"mx.example\r\n")
+    (home / "control" / "rcpthosts").unlink()
+    control_file(home, "servercert.pem", CERT)
+    plugin(home, "rbl", b"#!/bin/sh\necho N\n", mode=0o644)
+    config(home, b"[connection]\r\nplugins/rbl -z zen\r\n[rcpts]\nplugins/rbl\n")
+    status, out, _ = run(capsys, "check")
+    assert out[:PRE] == [
+        "home: %s" % home,
+        'greeting: "220 mx.example\\r ESMTP" (control/me)',
+        QUEUE_LINE,
+        CERT_FAILS,
+        "SPPTIMEOUT: 60 s (default)",
+        "AUTH mode: off (no arguments)",
+    ]
+    assert out[PRE:PRE + 5] == [
+        "config: control/smtpplugins",
+        "[connection]",
+        '  line 2: plugins/rbl -z zen -> ["plugins/rbl -z zen"]',
+        "[rcpt]",
+        '  line 4: plugins/rbl -> ["plugins/rbl"]',
+    ]
+    rest = out[PRE + 5:]
+    assert rest[:2] == [
+        "control/me: warning: contains a CR (CRLF file?), which qmail keeps in the greeting",
+        "control/rcpthosts: warning: absent: every recipient domain is accepted (open relay)",
+    ]
+    assert rest[2].startswith("control/servercert.pem: error: does not load: ")
+    assert rest[3:] == [
+        "control/smtpplugins:1: note: trailing CR stripped; 0.42 keeps it",
+        "control/smtpplugins:2: note: trailing CR stripped; 0.42 keeps it",
+        "control/smtpplugins:2: warning: entry names a file containing a space or tab"
+        " (arguments need ':'): plugins/rbl -z zen",
+        "control/smtpplugins:2: error: plugins/rbl -z zen: no such file"
+        " (plugins/rbl exists: write :plugins/rbl -z zen to pass arguments)",
+        "control/smtpplugins:3: warning: header [rcpts] is not a documented name;"
+        " it selects [rcpt]",
+        "control/smtpplugins:4: error: plugins/rbl: not executable (mode 0644)",
+        "check: 3 errors, 4 warnings, 2 notes",
+    ]
     assert status == 1
 
 
