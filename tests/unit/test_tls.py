@@ -144,3 +144,14 @@ def test_handshake_eof_fails(home):
     channel = tls.Channel(ctx, lambda: b"", lambda data: None)
     with pytest.raises(ssl.SSLError):
         channel.handshake()
+
+
+def test_encrypted_key_is_454_without_a_prompt(home, tmp_path):
+    # OpenSSL would ask for the pass phrase on the terminal and wait forever
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-passout", "pass:pw",
+                    "-subj", "/CN=x", "-days", "2", "-keyout", str(tmp_path / "ek"),
+                    "-out", str(tmp_path / "ec")], check=True, capture_output=True)
+    (home / "control" / "servercert.pem").write_bytes(
+        (tmp_path / "ek").read_bytes() + (tmp_path / "ec").read_bytes())
+    ctx, refusal = tls.context({})
+    assert ctx is None and refusal.startswith(b"454 TLS missing certificate: ")
