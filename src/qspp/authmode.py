@@ -45,7 +45,9 @@ def _smtpauth(value):
 
 def on_path(name: bytes, path: bytes):
     """The executable file `name` found on `path`, or None (like `which`)."""
-    for d in (path or b"").split(b":"):
+    if path is None:
+        path = b"/bin:/usr/bin"  # the C library's default search path
+    for d in path.split(b":"):
         candidate = os.path.join(d or b".", name)
         if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
             return candidate
@@ -64,7 +66,7 @@ def read_args(argv, env):
     if b"/" in first:
         return None, list(argv), None
     if b"." not in first:
-        found = on_path(first, env.get(b"PATH", b""))
+        found = on_path(first, env.get(b"PATH"))
         if found is not None:
             return None, list(argv), (
                 b"first argument " + first + b" has no '.' and is an executable on PATH ("

@@ -111,26 +111,25 @@ class _Report:
 def _read_smtpd_args(args):
     """How qspp.smtpd reads its arguments (qmail-smtpd.md §2.1).
 
+    The decision is authmode.read_args's, the one a connection makes.
     Returns (auth_mode, description, warning or None).
     """
+    from .authmode import on_path, read_args
     if not args:
         return False, "off (no arguments)", None
-    first = args[0]
-    if "/" in first:
-        return (True, "on: no HOST (the first argument contains \"/\"), checkprogram "
-                + _argv([os.fsencode(a) for a in args]), None)
-    if "." not in first:
-        found = shutil.which(first)
-        if found:
-            return (True, "on: no HOST (the first argument has no \".\" and is an executable"
-                    " on PATH: %s), checkprogram %s"
-                    % (_text(os.fsencode(found)), _argv([os.fsencode(a) for a in args])),
-                    None)
-    if len(args) == 1:
-        return (False, "off: HOST %s without a checkprogram" % _q(os.fsencode(first)),
+    argv = [os.fsencode(a) for a in args]
+    host, checkargv, _ = read_args(argv, os.environb)
+    if checkargv is None:
+        return (False, "off: HOST %s without a checkprogram" % _q(argv[0]),
                 "HOST without a checkprogram: AUTH is off (connections log one stderr line)")
-    return (True, "on: HOST %s, checkprogram %s"
-            % (_q(os.fsencode(first)), _argv([os.fsencode(a) for a in args[1:]])), None)
+    if host is not None:
+        return True, "on: HOST %s, checkprogram %s" % (_q(host), _argv(checkargv)), None
+    if b"/" in argv[0]:
+        return (True, "on: no HOST (the first argument contains \"/\"), checkprogram "
+                + _argv(checkargv), None)
+    found = on_path(argv[0], os.environb.get(b"PATH"))
+    return (True, "on: no HOST (the first argument has no \".\" and is an executable"
+            " on PATH: %s), checkprogram %s" % (_text(found), _argv(checkargv)), None)
 
 
 def _entry_lines(data):
