@@ -13,7 +13,6 @@ the same under every locale and tests can assert it line by line.
 import argparse
 import os
 import re
-import shutil
 import stat
 import sys
 
