@@ -1,0 +1,661 @@
+"""`qspp serve`: qspp's own listener, tcpserver's job done by a warm parent.
+
+    qspp serve [--host IP] [--port N] [--concurrency N] [--rules FILE.cdb]
+               [--qmailhome DIR] [--localname NAME] [--resolve] [--grace S]
+               [--backlog N] [--log text|json|off] [-u UID] [-g GID] [--user NAME]
+               [-- SMTPD-ARGS ...]
+
+The parent imports everything a session needs once, then forks one child per
+connection.  The child is what tcpserver's child plus `python -m qspp.smtpd`
+would be: the connection on fds 0 and 1, the environment tcpserver builds
+(PROTO, TCPLOCALIP, TCPLOCALPORT, TCPREMOTEIP, TCPREMOTEPORT, TCPLOCALHOST only
+with --localname or --resolve, TCPREMOTEHOST only with --resolve, never
+TCPREMOTEINFO), the tcprules variables on top, then `qspp.smtpd.run()`.  A
+child shares nothing writable with its siblings: each has its own copy of the
+parent's memory, so no session can see another's state.
+
+As tcpserver -c, at most --concurrency children run; at the limit the parent
+stops accepting and new clients wait in the kernel's backlog.
+
+--rules: looked up as `tcpserver -x` does (see tcprules.py); a denied client is
+closed at once with nothing sent.  The cdb is re-read when it changes (tcprules
+renames a new one into place, which tcpserver users rely on: rules take effect
+without a restart) and on SIGHUP; a file that cannot be read or is not a valid
+cdb keeps the old rules and logs one line.
+
+Signals: SIGTERM (and SIGINT) closes the listener, so new clients are refused,
+and waits up to --grace seconds for running sessions; then they get SIGTERM,
+and SIGKILL 2 s later; the exit status is 0.  A second SIGTERM ends the wait.
+SIGHUP re-reads the rules.
+
+Home: --qmailhome, else $QMAILHOME, else /var/qmail when control/me exists
+there, else the embedded home ($XDG_DATA_HOME/qspp, ~/.local/share/qspp),
+created on first use as a receiver for this host that delivers into its
+Maildir with qspp's own queue program (qspp.maildirqueue).
+
+-u UID, -g GID (or --user NAME): switch after binding, so port 25 can be
+bound as root while no session ever runs as root (tcpserver -u -g).
+
+Arguments after `--` are qspp.smtpd's arguments (HOST CHECKPROGRAM ... for
+AUTH), given to every session.
+
+Log lines go to stderr as `qspp: pid PID: ...`; --log sets SPPLOG for the
+sessions (text: one summary line per connection and one per plugin run,
+json: the same as JSON, off: none); a tcprules variable SPPLOG still wins.
+"""
+
+import argparse
+import gc
+import os
+import selectors
+import signal
+import socket
+import sys
+import time
+
+from . import smtpd
+from .diag import log
+from .tcprules import Rules, RulesError, signature
+
+PROG = "qspp serve"
+DEFAULT_GRACE = 30.0
+KILL_WAIT = 2.0
+# Variables tcpserver sets or unsets for every connection: what the parent's
+# own environment holds under these names must not reach a session.
+_PER_CONNECTION = (b"PROTO", b"TCPLOCALIP", b"TCPLOCALPORT", b"TCPLOCALHOST",
+                   b"TCPREMOTEIP", b"TCPREMOTEPORT", b"TCPREMOTEHOST", b"TCPREMOTEINFO")
+# Imported by a session only when it needs them; the parent imports them all,
+# once, so a child never pays for an import.  Missing ones (a build without
+# AUTH or TLS) are skipped.
+_WARM_MODULES = ("qspp.received", "qspp.spplog", "qspp.spool", "qspp.auth", "qspp.tls",
+                 "json", "ssl", "_socket", "array", "fcntl", "struct")
+_SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+# ---------------------------------------------------------------------------
+# arguments
+
+def _positive(text):
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("not a number: %r" % text)
+    if n < 1:
+        raise argparse.ArgumentTypeError("must be at least 1: %r" % text)
+    return n
+
+
+def _port(text):
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("not a port number: %r" % text)
+    if not 0 <= n <= 65535:
+        raise argparse.ArgumentTypeError("not a port number: %r" % text)
+    return n
+
+
+def _seconds(text):
+    try:
+        n = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("not a number of seconds: %r" % text)
+    if not n >= 0:
+        raise argparse.ArgumentTypeError("must not be negative: %r" % text)
+    return n
+
+
+def parser():
+    p = argparse.ArgumentParser(
+        prog=PROG, description="Listen for SMTP clients and run a qspp session for each,"
+        " in a process forked from this one (tcpserver and qmail-smtpd in one).",
+        epilog="Arguments after -- are qspp.smtpd's own (HOST CHECKPROGRAM ... turns AUTH on).")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="IPv4 address to listen on, 0 or 0.0.0.0 for all (default 127.0.0.1)")
+    p.add_argument("--port", type=_port, default=2525,
+                   help="TCP port (default 2525; 0 picks a free one, logged at startup)")
+    p.add_argument("-c", "--concurrency", type=_positive, default=40, metavar="N",
+                   help="at most N sessions at once, as tcpserver -c (default 40)")
+    p.add_argument("-x", "--rules", metavar="FILE.cdb",
+                   help="tcprules cdb, looked up as tcpserver -x does")
+    p.add_argument("--qmailhome", metavar="DIR",
+                   help="qmail home (default $QMAILHOME, else /var/qmail if it has"
+                   " control/me, else the embedded home)")
+    p.add_argument("-l", "--localname", metavar="NAME",
+                   help="TCPLOCALHOST for every session, as tcpserver -l")
+    p.add_argument("--resolve", action="store_true",
+                   help="look up TCPREMOTEHOST (and TCPLOCALHOST unless --localname) in the"
+                   " DNS, in the session's process; off by default")
+    p.add_argument("--grace", type=_seconds, default=DEFAULT_GRACE, metavar="SECONDS",
+                   help="after SIGTERM, how long running sessions may take (default 30)")
+    p.add_argument("--backlog", type=_positive, default=128, metavar="N",
+                   help="listen(2) backlog: clients waiting while at the limit (default 128)")
+    p.add_argument("--log", choices=("text", "json", "off"), default="text",
+                   help="per-connection summary lines on stderr (SPPLOG; default text)")
+    p.add_argument("-u", "--uid", type=_id, metavar="UID",
+                   help="after binding, switch to this numeric user id, as tcpserver -u")
+    p.add_argument("-g", "--gid", type=_id, metavar="GID",
+                   help="after binding, switch to this numeric group id, as tcpserver -g")
+    p.add_argument("--user", metavar="NAME",
+                   help="after binding, switch to NAME's uid and primary gid"
+                   " (envuidgid NAME tcpserver -U)")
+    return p
+
+
+def _id(text):
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("not a numeric id: %r" % text)
+    if n < 0:
+        raise argparse.ArgumentTypeError("not a numeric id: %r" % text)
+    return n
+
+
+def parse_args(argv):
+    argv = list(argv)
+    smtpd_args = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, smtpd_args = argv[:cut], argv[cut + 1:]
+    ns = parser().parse_args(argv)
+    ns.smtpd_args = [os.fsencode(a) for a in smtpd_args]
+    return ns
+
+
+# ---------------------------------------------------------------------------
+# the home
+
+def embedded_home_path(environ) -> bytes:
+    xdg = environ.get(b"XDG_DATA_HOME")
+    # the XDG spec: a relative value is invalid and must be ignored
+    if xdg and xdg.startswith(b"/"):
+        return os.path.join(xdg, b"qspp")
+    home = environ.get(b"HOME") or os.path.expanduser(b"~")
+    return os.path.join(home, b".local", b"share", b"qspp")
+
+
+def _queue_script() -> bytes:
+    """A qmail-queue that runs qspp.maildirqueue from this very installation."""
+    import shlex
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = ("import sys; sys.path.insert(0, %r); from qspp.maildirqueue import main; main()"
+            % package_root)
+    return ("#!/bin/sh\n"
+            "# qspp's Maildir queue: the message on fd 0, the envelope on fd 1.\n"
+            "# Rewritten by `qspp serve` at every start, so it follows the installation.\n"
+            "exec %s -I -c %s\n" % (shlex.quote(sys.executable), shlex.quote(code))).encode()
+
+
+def _write_if_missing(path: bytes, data: bytes) -> None:
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+def make_embedded_home(home: bytes) -> "tuple[bytes, bool]":
+    """Create what is missing of the embedded home; (queue program, created?)."""
+    created = not os.path.isdir(os.path.join(home, b"control"))
+    for sub in (b"control", b"bin"):
+        os.makedirs(os.path.join(home, sub), exist_ok=True)
+    for sub in (b"", b"/tmp", b"/new", b"/cur"):
+        os.makedirs(os.path.join(home, b"Maildir") + sub, mode=0o700, exist_ok=True)
+    me = socket.gethostname().encode("ascii", "replace") or b"localhost"
+    _write_if_missing(os.path.join(home, b"control", b"me"), me + b"\n")
+    hosts = [me] + ([b"localhost"] if me != b"localhost" else [])
+    _write_if_missing(os.path.join(home, b"control", b"rcpthosts"),
+                      b"".join(h + b"\n" for h in hosts))
+    _write_if_missing(os.path.join(home, b"control", b"smtpplugins"), b"")
+    queue = os.path.join(home, b"bin", b"qmail-queue")
+    script = _queue_script()
+    try:
+        with open(queue, "rb") as f:
+            same = f.read() == script
+    except OSError:
+        same = False
+    if not same:
+        tmp = queue + b".new"
+        with open(tmp, "wb") as f:
+            f.write(script)
+        os.chmod(tmp, 0o755)
+        os.rename(tmp, queue)
+    return queue, created
+
+
+def choose_home(ns, environ) -> "tuple[bytes, dict]":
+    """(home, variables to set); logs where mail goes for the embedded home."""
+    if ns.qmailhome:
+        return os.path.abspath(os.fsencode(ns.qmailhome)), {}
+    if environ.get(b"QMAILHOME"):
+        return os.path.abspath(environ[b"QMAILHOME"]), {}
+    if os.path.exists(b"/var/qmail/control/me"):
+        return b"/var/qmail", {}
+    home = os.path.abspath(embedded_home_path(environ))
+    queue, created = make_embedded_home(home)
+    extra = {}
+    if not environ.get(b"QMAILQUEUE"):
+        extra[b"QMAILQUEUE"] = queue
+    maildir = environ.get(b"QSPP_MAILDIR") or os.path.join(home, b"Maildir")
+    log(b"serve: embedded home %s%s; mail is delivered to %s" % (
+        home, b" (created)" if created else b"", os.path.join(maildir, b"new")))
+    return home, extra
+
+
+# ---------------------------------------------------------------------------
+# one connection, in the child
+
+def connection_environ(base: dict, local, remote, localname, resolve) -> dict:
+    """The variables tcpserver would set for this connection, over BASE."""
+    env = dict(base)
+    env[b"PROTO"] = b"TCP"
+    env[b"TCPLOCALIP"] = local[0].encode()
+    env[b"TCPLOCALPORT"] = b"%d" % local[1]
+    env[b"TCPREMOTEIP"] = remote[0].encode()
+    env[b"TCPREMOTEPORT"] = b"%d" % remote[1]
+    if localname is not None:
+        env[b"TCPLOCALHOST"] = localname
+    if resolve:
+        if localname is None:
+            name = _reverse(local[0])
+            if name is not None:
+                env[b"TCPLOCALHOST"] = name
+        name = _reverse(remote[0])
+        if name is not None:
+            env[b"TCPREMOTEHOST"] = name
+    return env
+
+
+def _reverse(ip: str) -> "bytes | None":
+    try:
+        name = socket.gethostbyaddr(ip)[0]
+    except (OSError, UnicodeError):
+        return None
+    return name.lower().encode("ascii", "replace") if name else None
+
+
+def _reset_signals() -> None:
+    signal.set_wakeup_fd(-1)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+    # what qspp.smtpd.main sets up (spec §2.1)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+
+
+def child(server, conn, remote) -> int:
+    """Everything after fork; returns the exit status."""
+    _reset_signals()
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
+    server.close_in_child()
+    try:
+        local = conn.getsockname()
+    except OSError:
+        return 111  # the client is already gone
+    env = connection_environ(server.base_env, local, remote, server.localname, server.resolve)
+    rules = server.rules
+    if rules is not None:
+        ip = env[b"TCPREMOTEIP"]
+        try:
+            rule = rules.lookup(ip, env.get(b"TCPREMOTEHOST"))
+        except OSError as e:
+            log(b"serve: unable to read %s: %s: dropped %s port %d" % (
+                os.fsencode(rules.path), (e.strerror or str(e)).encode(), ip, remote[1]))
+            return 111
+        if rule is not None:
+            if rule.deny:
+                if server.log_mode == "json":
+                    import json
+                    log(json.dumps({"event": "serve-deny", "ip": ip.decode(), "port": remote[1],
+                                    "rule": rule.key.decode("utf-8", "backslashreplace")},
+                                   separators=(",", ":")))
+                elif server.log_mode == "text":
+                    log(b"serve: deny %s port %d (rule \"%s\")" % (ip, remote[1], rule.key))
+                return 100  # tcpserver's status; the close sends nothing
+            rule.apply(env)
+    fd = conn.detach()
+    os.dup2(fd, 0)
+    os.dup2(fd, 1)
+    if fd > 1:
+        os.close(fd)
+    return smtpd.run(server.smtpd_args, env)
+
+
+# ---------------------------------------------------------------------------
+# the parent
+
+class Server:
+    def __init__(self, ns, base_env, rules_path):
+        self.limit = ns.concurrency
+        self.grace = ns.grace
+        self.localname = os.fsencode(ns.localname) if ns.localname is not None else None
+        self.resolve = ns.resolve
+        self.smtpd_args = ns.smtpd_args
+        self.base_env = base_env
+        self.log_mode = ns.log
+        self.rules_path = rules_path
+        self.rules = None
+        self.bad_rules = None   # signature of a file already reported as unusable
+        self.children = {}      # pid -> start time
+        self.pending = set()
+        self.listener = None
+        self.sel = None
+        self.accepting = False
+        self.resume_at = None   # after EMFILE and the like: when to try again
+        self.stopping = False
+        self.deadline = None
+        self.killed = None      # when the stragglers got SIGTERM
+
+    # -- setup ---------------------------------------------------------------
+    def listen(self, host, port, backlog):
+        host = "0.0.0.0" if host in ("", "0") else host
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((host, port))
+        s.listen(backlog)
+        s.setblocking(False)
+        self.listener = s
+        return s.getsockname()
+
+    def load_rules(self, why):
+        """(Re)load the rules; on failure keep the old ones and say so once."""
+        path = self.rules_path
+        try:
+            st_sig = signature(os.stat(path))
+        except OSError as e:
+            st_sig = ("error", e.errno)
+        try:
+            rules = Rules.load(path)
+        except RulesError as e:
+            if self.rules is None:
+                raise
+            if st_sig != self.bad_rules or why == "SIGHUP":
+                log("serve: rules %s: %s; keeping the rules loaded before"
+                    % (os.fsdecode(path), e))
+            self.bad_rules = st_sig
+            return
+        old, self.rules = self.rules, rules
+        self.bad_rules = None
+        if old is not None:
+            old.close()
+            log("serve: rules %s reloaded (%s)" % (os.fsdecode(path), why))
+
+    def rules_changed(self) -> bool:
+        try:
+            sig = signature(os.stat(self.rules_path))
+        except OSError as e:
+            sig = ("error", e.errno)
+        return sig != self.rules.signature and sig != self.bad_rules
+
+    def close_in_child(self):
+        self.listener.close()
+        self.sel.close()
+        os.close(self.wake_r)
+        os.close(self.wake_w)
+
+    # -- signals -------------------------------------------------------------
+    def _on_signal(self, signum, frame):
+        self.pending.add(signum)
+
+    def install_signals(self):
+        self.wake_r, self.wake_w = os.pipe()
+        for fd in (self.wake_r, self.wake_w):
+            os.set_blocking(fd, False)
+        signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
+        for sig in _SIGNALS:
+            signal.signal(sig, self._on_signal)
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+
+    # -- the loop ------------------------------------------------------------
+    def _set_accepting(self, on):
+        if on and not self.accepting:
+            self.sel.register(self.listener, selectors.EVENT_READ)
+        elif not on and self.accepting:
+            self.sel.unregister(self.listener)
+        self.accepting = on
+
+    def run(self) -> int:
+        self.sel = selectors.DefaultSelector()
+        self.sel.register(self.wake_r, selectors.EVENT_READ)
+        self._set_accepting(True)
+        # what the parent has now is shared, unchanged, by every child
+        gc.freeze()
+        while True:
+            timeout = None
+            now = time.monotonic()
+            if self.resume_at is not None:
+                timeout = max(0.0, self.resume_at - now)
+            if self.stopping:
+                if not self.children:
+                    log("serve: stopped")
+                    return 0
+                until = self.killed + KILL_WAIT if self.killed is not None else self.deadline
+                left = max(0.0, until - now)
+                timeout = left if timeout is None else min(timeout, left)
+            ready = self.sel.select(timeout)
+            listener_ready = False
+            for key, _ in ready:
+                if key.fd == self.wake_r:
+                    try:
+                        while os.read(self.wake_r, 512):
+                            pass
+                    except BlockingIOError:
+                        pass
+                else:
+                    listener_ready = True
+            self.handle_signals()
+            if self.stopping:
+                self.enforce_deadline()
+                continue
+            if self.resume_at is not None and time.monotonic() >= self.resume_at:
+                self.resume_at = None
+            if listener_ready and self.resume_at is None:
+                self.accept_some()
+            self._set_accepting(len(self.children) < self.limit and self.resume_at is None)
+
+    def handle_signals(self):
+        sigs, self.pending = self.pending, set()
+        if signal.SIGCHLD in sigs or self.children:
+            self.reap()
+        if signal.SIGHUP in sigs and self.rules_path is not None and not self.stopping:
+            self.load_rules("SIGHUP")
+        if sigs & {signal.SIGTERM, signal.SIGINT}:
+            if self.stopping:
+                self.deadline = time.monotonic()  # asked again: no more waiting
+            else:
+                self.stop_accepting()
+
+    def reap(self):
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            except InterruptedError:
+                continue
+            if pid == 0:
+                return
+            self.children.pop(pid, None)
+            if os.WIFSIGNALED(status) and not self.stopping:
+                log("serve: session %d killed by signal %d" % (pid, os.WTERMSIG(status)))
+
+    def accept_some(self):
+        if self.rules_path is not None and self.rules_changed():
+            self.load_rules("file changed")
+        while len(self.children) < self.limit:
+            try:
+                conn, remote = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
+                continue
+            except OSError as e:
+                # out of descriptors or memory: the client stays in the
+                # backlog; try again shortly instead of spinning
+                log("serve: accept: %s" % e.strerror)
+                self.resume_at = time.monotonic() + 0.1
+                return
+            self.spawn(conn, remote)
+
+    def spawn(self, conn, remote):
+        # a signal between fork and the child's reset must not run the
+        # parent's handler in the child
+        signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+        try:
+            pid = os.fork()
+        except OSError as e:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
+            log("serve: fork: %s: dropped %s port %d" % (e.strerror, remote[0], remote[1]))
+            conn.close()
+            self.resume_at = time.monotonic() + 0.1
+            return
+        if pid == 0:
+            status = 111
+            try:
+                status = child(self, conn, remote)
+            except BaseException as e:  # noqa: B902 - nothing may return into the parent's loop
+                try:
+                    log("internal error: %s: %s" % (type(e).__name__, e))
+                except BaseException:
+                    pass
+                status = 1
+            finally:
+                os._exit(status)
+        self.children[pid] = time.monotonic()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
+        conn.close()
+
+    def stop_accepting(self):
+        self.stopping = True
+        self._set_accepting(False)
+        self.listener.close()
+        self.deadline = time.monotonic() + self.grace
+        if self.children:
+            log("serve: stopping: waiting up to %g s for %d session%s"
+                % (self.grace, len(self.children), "" if len(self.children) == 1 else "s"))
+
+    def enforce_deadline(self):
+        if not self.children:
+            return
+        now = time.monotonic()
+        if self.killed is None and now >= self.deadline:
+            log("serve: %d session%s still running after %g s: SIGTERM"
+                % (len(self.children), "" if len(self.children) == 1 else "s", self.grace))
+            self._signal_children(signal.SIGTERM)
+            self.killed = now
+        elif self.killed is not None and now >= self.killed + KILL_WAIT:
+            self._signal_children(signal.SIGKILL)
+            for pid in list(self.children):
+                try:
+                    os.waitpid(pid, 0)
+                except ChildProcessError:
+                    pass
+                self.children.pop(pid, None)
+
+    def _signal_children(self, sig):
+        for pid in self.children:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+
+# ---------------------------------------------------------------------------
+
+def _warm_up():
+    import importlib
+    for name in _WARM_MODULES:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
+
+
+def _ensure_std_fds():
+    # a closed fd 0, 1 or 2 would be handed out to the listener or a client
+    # socket, and the child's dup2 onto 0 and 1 would then clobber it
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+
+
+def drop_privileges(ns) -> None:
+    """tcpserver's prot_gid then prot_uid: the group list becomes the one gid."""
+    uid, gid = ns.uid, ns.gid
+    if ns.user is not None:
+        import pwd
+        try:
+            pw = pwd.getpwnam(ns.user)
+        except KeyError:
+            raise OSError("no such user: %s" % ns.user) from None
+        uid = pw.pw_uid if uid is None else uid
+        gid = pw.pw_gid if gid is None else gid
+    if gid is not None:
+        os.setgroups([gid])
+        os.setgid(gid)
+    if uid is not None:
+        os.setuid(uid)
+
+
+def base_environ(environ, home, extra, log_mode) -> dict:
+    env = {k: v for k, v in environ.items() if k not in _PER_CONNECTION}
+    env[b"QMAILHOME"] = home
+    env.update(extra)
+    if log_mode == "off":
+        env.pop(b"SPPLOG", None)
+    else:
+        env[b"SPPLOG"] = log_mode.encode()
+    return env
+
+
+def main(argv=None, environ=None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if environ is None:
+        environ = os.environb
+    ns = parse_args(argv)
+    _ensure_std_fds()
+    try:
+        home, extra = choose_home(ns, environ)
+    except OSError as e:
+        log("serve: cannot set up the embedded home: %s" % e)
+        return 111
+    if not os.path.isdir(home):
+        log(b"serve: the qmail home %s is not a directory" % home)
+        return 111
+    rules_path = os.fsencode(ns.rules) if ns.rules else None
+    server = Server(ns, base_environ(environ, home, extra, ns.log), rules_path)
+    if rules_path is not None:
+        try:
+            server.load_rules("start")
+        except RulesError as e:
+            log("serve: rules %s: %s" % (ns.rules, e))
+            return 111
+    _warm_up()
+    try:
+        local = server.listen(ns.host, ns.port, ns.backlog)
+    except (OSError, OverflowError) as e:
+        log("serve: cannot listen on %s port %d: %s"
+            % (ns.host, ns.port, getattr(e, "strerror", None) or e))
+        return 111
+    try:
+        drop_privileges(ns)
+    except OSError as e:
+        log("serve: cannot switch user or group: %s" % (e.strerror or e))
+        return 111
+    server.install_signals()
+    log(b"serve: listening on %s port %d, concurrency %d, home %s%s" % (
+        local[0].encode(), local[1], ns.concurrency, home,
+        b", rules " + rules_path if rules_path else b""))
+    return server.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""A running `qspp serve` for end-to-end tests (the tcpserver harness is conftest.py).
+
+ServeServer(home, base, *args).start() runs `python -m qspp serve --port 0
+--qmailhome HOME ARGS...` in its own session with the home's environment
+(QMAILQUEUE = the recorder), reads the port it chose from its startup line,
+and offers connect() like conftest's TcpServer (Client objects, greeting
+checked).  stderr goes to base/serve.err; lines() returns it.  stop() sends
+SIGTERM and waits; teardown kills what is left of the process group, which
+only this harness started.
+"""
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+
+from .conftest import GREETING, PYTHON, Client, wait_for
+
+LISTENING_RE = re.compile(rb"qspp: pid (\d+): serve: listening on 127\.0\.0\.1 port (\d+),")
+
+
+class ServeServer:
+    def __init__(self, home, base, *args, env=None, qmailhome=True):
+        self.home = home
+        self.base = base
+        base.mkdir(parents=True, exist_ok=True)
+        self.args = list(args)
+        self.env = env
+        self.qmailhome = qmailhome
+        self.err = base / "serve.err"
+        self.proc = None
+        self.port = None
+        self.clients = []
+
+    @property
+    def pid(self):
+        return self.proc.pid
+
+    def command(self):
+        cmd = [PYTHON, "-m", "qspp", "serve", "--host", "127.0.0.1", "--port", "0"]
+        if self.qmailhome:
+            cmd += ["--qmailhome", str(self.home.root)]
+        smtpd_args = []
+        args = self.args
+        if "--" in args:
+            cut = args.index("--")
+            args, smtpd_args = args[:cut], args[cut:]
+        return cmd + list(args) + smtpd_args
+
+    def start(self, timeout=10):
+        env = self.env
+        if env is None:
+            env = self.home.full_env()
+            # serve sets these per connection itself; conftest's fixture F values
+            # would only show that serve drops them
+            for k in ("TCPREMOTEIP", "TCPLOCALIP", "TCPREMOTEHOST"):
+                env.pop(k, None)
+        with open(self.err, "wb") as err:
+            self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL,
+                                         stdout=subprocess.DEVNULL, stderr=err, env=env,
+                                         cwd=str(self.base), start_new_session=True)
+
+        def listening():
+            m = LISTENING_RE.search(self.err.read_bytes())
+            if m:
+                return m
+            if self.proc.poll() is not None:
+                raise AssertionError("qspp serve exited %s: %r"
+                                     % (self.proc.returncode, self.err.read_bytes()))
+            return None
+        m = wait_for(listening, timeout, "qspp serve to listen")
+        assert int(m.group(1)) == self.proc.pid
+        self.port = int(m.group(2))
+        return self
+
+    def connect(self, greet=GREETING, timeout=5.0, source=None) -> Client:
+        c = Client(self, timeout, source)
+        self.clients.append(c)
+        if greet is not None:
+            assert c.reply() == greet
+        return c
+
+    def lines(self):
+        return self.err.read_bytes().splitlines()
+
+    def wait_line(self, pattern, timeout=5):
+        """Wait for a stderr line matching the regex PATTERN (bytes); return the match."""
+        rx = re.compile(pattern)
+
+        def find():
+            for line in self.lines():
+                m = rx.search(line)
+                if m:
+                    return m
+            return None
+        return wait_for(find, timeout, "serve log line %r in %r" % (pattern, self.lines()))
+
+    def children(self):
+        """The pids of serve's child processes (sessions not yet reaped included)."""
+        out = set()
+        for task in os.listdir("/proc/%d/task" % self.pid):
+            with open("/proc/%d/task/%s/children" % (self.pid, task)) as f:
+                out |= {int(p) for p in f.read().split()}
+        return out
+
+    def zombies(self):
+        found = []
+        for pid in self.children():
+            try:
+                with open("/proc/%d/stat" % pid) as f:
+                    state = f.read().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                continue
+            if state == "Z":
+                found.append(pid)
+        return found
+
+    def wait_no_children(self, timeout=5):
+        wait_for(lambda: not self.children(), timeout, "serve's children to be reaped")
+
+    def signal(self, sig):
+        os.kill(self.pid, sig)
+
+    def wait(self, timeout):
+        return self.proc.wait(timeout=timeout)
+
+    def refused(self) -> bool:
+        """True when a new connection is refused outright."""
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=2).close()
+        except ConnectionRefusedError:
+            return True
+        return False
+
+    def stop(self):
+        for c in self.clients:
+            c.close()
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            try:
+                os.kill(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(timeout=5)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                pass
+        # sessions, plugins and queue programs still around belong to the group
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(self.proc.pid, sig)
+            except (ProcessLookupError, PermissionError):
+                break
+            time.sleep(0.1)
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
+def start_serve(home, base, *args, **kw) -> ServeServer:
+    return ServeServer(home, base, *args, **kw).start()
+
+
+__all__ = ["ServeServer", "start_serve"]
