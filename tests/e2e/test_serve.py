@@ -9,6 +9,7 @@ Received line names the loopback addresses: `from unknown (HELO h)
 """
 
 import json
+import base64
 import os
 import re
 import shutil
@@ -433,3 +434,23 @@ def test_resolve_sets_tcpremotehost_and_host_rules_apply(home, serve, tmp_path):
     assert run.message == (b"Received: from %s (127.0.0.1)\n  by mx.local with SMTP; <D>\nhi\n"
                            % name.encode())
     assert c.cmd(b"QUIT") == QUIT
+
+
+def test_auth_delay_never_stalls_the_listener(home, serve):
+    # issue 4: a failed AUTH waits 5 s before its 535, in that session's own process
+    from .test_auth import install_checkpw
+    install_checkpw(home)
+    s = serve("--", "mx.example.org", "bin/checkpw", "/bin/true")
+    failing = s.connect()
+    failing.send(b"AUTH PLAIN " + base64.b64encode(b"\0user\0wrong") + b"\r\n")
+    t0 = time.monotonic()
+    other = s.connect()  # the greeting is checked by connect()
+    assert other.cmd(b"AUTH PLAIN " + base64.b64encode(b"\0user\0secret")) == (
+        b"235 ok, go ahead (#2.0.0)\r\n")
+    assert other.cmd(b"MAIL FROM:<a@b>") == OK
+    assert other.cmd(b"RCPT TO:<x@far.away>") == OK  # AUTH grants relaying
+    assert other.cmd(b"QUIT") == QUIT
+    assert time.monotonic() - t0 < 3
+    assert failing.reply(timeout=10) == b"535 authentication failed (#5.7.1)\r\n"
+    assert time.monotonic() - t0 >= 4.9
+    assert failing.cmd(b"QUIT") == QUIT
