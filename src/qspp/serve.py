@@ -68,6 +68,7 @@ _PER_CONNECTION = (b"PROTO", b"TCPLOCALIP", b"TCPLOCALPORT", b"TCPLOCALHOST",
 # once, so a child never pays for an import.  Missing ones (a build without
 # AUTH or TLS) are skipped.
 _WARM_MODULES = ("qspp.received", "qspp.spplog", "qspp.spool", "qspp.auth", "qspp.tls",
+                 "qspp.checkpassword",
                  "json", "ssl", "_socket", "array", "fcntl", "struct")
 _SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
