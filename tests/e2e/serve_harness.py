@@ -100,9 +100,16 @@ class ServeServer:
     def children(self):
         """The pids of serve's child processes (sessions not yet reaped included)."""
         out = set()
-        for task in os.listdir("/proc/%d/task" % self.pid):
-            with open("/proc/%d/task/%s/children" % (self.pid, task)) as f:
-                out |= {int(p) for p in f.read().split()}
+        try:
+            tasks = os.listdir("/proc/%d/task" % self.pid)
+        except FileNotFoundError:
+            return out  # serve has exited: its children were handed to init
+        for task in tasks:
+            try:
+                with open("/proc/%d/task/%s/children" % (self.pid, task)) as f:
+                    out |= {int(p) for p in f.read().split()}
+            except FileNotFoundError:
+                pass  # that thread ended meanwhile
         return out
 
     def zombies(self):
