@@ -329,7 +329,10 @@ class Session:
                     if not 48 <= c <= 57:
                         break
                     digits += 1
-                if int(word[5:5 + digits] or b"0") > self.settings.databytes:
+                value = word[5:5 + digits].lstrip(b"0")
+                # a value of more than 10 digits exceeds any databytes (< 2**32),
+                # and int() refuses very long digit strings
+                if len(value) > 10 or int(value or b"0") > self.settings.databytes:
                     return True
         return False
 

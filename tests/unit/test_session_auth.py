@@ -269,6 +269,8 @@ def test_auth_suffix_replaces_relayclient_suffix():
     (b"<a@b> SIZE=100001", False),  # the first > before offset 5
     (b"FROM:<a@b> BODY=8BITMIME SIZE=999999", True),
     (b"FROM:<a@b> AUTH=spoof", False),
+    (b"FROM:<a@b> SIZE=" + b"9" * 60000, True),  # past int()'s digit limit
+    (b"FROM:<a@b> SIZE=" + b"0" * 60000 + b"1", False),
 ])
 def test_size_parameter(arg, refused):
     h = harness(settings={"databytes": 100000})
