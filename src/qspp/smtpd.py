@@ -111,9 +111,7 @@ class Connection:
                 if session.state == COMMAND:
                     lf = buf.find(b"\n", pos)
                     if lf < 0:
-                        if len(buf) - pos > MAX_COMMAND:
-                            raise Fatal(replies.OUT_OF_MEMORY, "command line over 64 KiB")
-                        buf = buf[pos:] + self.read()
+                        buf = self._rest_of_line(buf[pos:])
                         pos = 0
                         continue
                     if lf - pos > MAX_COMMAND:
@@ -144,6 +142,23 @@ class Connection:
         except MemoryError:
             session.out.clear()
             return self._die(Fatal(replies.OUT_OF_MEMORY))
+
+    def _rest_of_line(self, partial: bytes) -> bytes:
+        """Read until an LF arrives; returns `partial` + what was read.
+
+        Chunks are joined once, so a client sending a line a byte at a time
+        costs linear, not quadratic, copying.
+        """
+        chunks = [partial]
+        size = len(partial)
+        while True:
+            if size > MAX_COMMAND:
+                raise Fatal(replies.OUT_OF_MEMORY, "command line over 64 KiB")
+            chunk = self.read()
+            chunks.append(chunk)
+            size += len(chunk)
+            if b"\n" in chunk:
+                return b"".join(chunks)
 
     def _start_tls(self) -> None:
         from .tls import Channel, reason
