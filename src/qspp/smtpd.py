@@ -15,7 +15,7 @@ import time
 import _signal
 from select import select
 
-from . import authmode, control, replies, spp, sppconfig, startup
+from . import control, replies, spp, sppconfig, startup
 from .diag import log
 from .queue import Queue, QueueStartError, queue_program
 from .session import COMMAND, DATA, CLOSED, MAX_COMMAND, Fatal, Session
@@ -234,6 +234,7 @@ def run(argv, environ) -> int:
             home.decode("utf-8", "replace"), e.strerror))
     auth_mode = None
     if argv:
+        from . import authmode  # arguments mean AUTH: plain connections skip it
         host, checkargv, note = authmode.read_args(argv, environ)
         if note is not None:
             log(note)
