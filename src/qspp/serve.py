@@ -76,24 +76,22 @@ _SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 # ---------------------------------------------------------------------------
 # arguments
 
-def _positive(text):
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError("not a number: %r" % text)
-    if n < 1:
-        raise argparse.ArgumentTypeError("must be at least 1: %r" % text)
-    return n
+def _int_option(what, low, high=None):
+    """An argparse type: an integer in [low, high], else the error `WHAT: 'TEXT'`."""
+    def parse(text):
+        try:
+            n = int(text)
+        except ValueError:
+            n = None
+        if n is None or n < low or (high is not None and n > high):
+            raise argparse.ArgumentTypeError("%s: %r" % (what, text))
+        return n
+    return parse
 
 
-def _port(text):
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError("not a port number: %r" % text)
-    if not 0 <= n <= 65535:
-        raise argparse.ArgumentTypeError("not a port number: %r" % text)
-    return n
+_positive = _int_option("must be at least 1", 1)
+_port = _int_option("not a port number", 0, 65535)
+_id = _int_option("not a numeric id", 0)
 
 
 def _seconds(text):
@@ -141,16 +139,6 @@ def parser():
                    help="after binding, switch to NAME's uid and primary gid"
                    " (envuidgid NAME tcpserver -U)")
     return p
-
-
-def _id(text):
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError("not a numeric id: %r" % text)
-    if n < 0:
-        raise argparse.ArgumentTypeError("not a numeric id: %r" % text)
-    return n
 
 
 def parse_args(argv):
