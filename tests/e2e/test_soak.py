@@ -17,9 +17,7 @@ from .conftest import REPO
 
 SOAK = str(REPO / "scripts" / "soak")
 PY = os.path.realpath(sys.executable)
-MODES = ["tcpserver"]
-if (REPO / "src" / "qspp" / "serve.py").exists():
-    MODES.append("serve")
+MODES = ["tcpserver", "serve"]
 
 
 def run_soak(*args, timeout=120):
