@@ -8,7 +8,7 @@ unreadable one (fatal 421 at the RCPT that touched it).
 
 
 import errno
-import os
+import posix
 
 HEADER_SIZE = 2048
 _MASK32 = 0xFFFFFFFF
@@ -35,20 +35,20 @@ class Cdb:
     @classmethod
     def open(cls, path) -> "Cdb | None":
         # O_NONBLOCK as qmail's open_read: a FIFO must not hang the connection.
-        # os.open (unlike open()) accepts a directory; qmail only notices that
+        # posix.open (unlike open()) accepts a directory; qmail only notices that
         # at the first lookup, and so must we.
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+            fd = posix.open(path, posix.O_RDONLY | posix.O_NONBLOCK)
         except FileNotFoundError:
             return None
         return cls(fd, path)
 
     def _read_upto(self, size: int, offset: int) -> bytes:
         if self.fd < 0:
-            raise OSError(errno.EBADF, os.strerror(errno.EBADF), self.path)
+            raise OSError(errno.EBADF, posix.strerror(errno.EBADF), self.path)
         chunks = []
         while size > 0:
-            chunk = os.pread(self.fd, size, offset)
+            chunk = posix.pread(self.fd, size, offset)
             if not chunk:
                 break
             chunks.append(chunk)
@@ -119,7 +119,7 @@ class Cdb:
     def close(self) -> None:
         if self.fd >= 0:
             fd, self.fd = self.fd, -1
-            os.close(fd)
+            posix.close(fd)
 
     def __enter__(self) -> "Cdb":
         return self

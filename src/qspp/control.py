@@ -9,12 +9,12 @@ which the session turns into `421 unable to read controls (#4.3.0)`.
 """
 
 
-import os
+import posix
 import sys
 
 from qspp.cdb import Cdb
 
-_RDONLY = os.O_RDONLY | os.O_NONBLOCK
+_RDONLY = posix.O_RDONLY | posix.O_NONBLOCK
 _CHUNK = 65536
 _MASK32 = 0xFFFFFFFF
 _MASK64 = 0xFFFFFFFFFFFFFFFF
@@ -29,8 +29,10 @@ class ControlError(Exception):
         self.errno = err
 
     def __str__(self) -> str:
-        path = os.fsdecode(self.path) if isinstance(self.path, bytes) else str(self.path)
-        return "unable to read %s: %s" % (path, os.strerror(self.errno))
+        path = self.path
+        if isinstance(path, bytes):
+            path = path.decode(sys.getfilesystemencoding(), sys.getfilesystemencodeerrors())
+        return "unable to read %s: %s" % (path, posix.strerror(self.errno))
 
 
 class NoLocalIPs(Exception):
@@ -40,7 +42,7 @@ class NoLocalIPs(Exception):
 def _open(path) -> "int | None":
     # O_NONBLOCK as qmail's open_read, so a FIFO in control/ cannot hang us.
     try:
-        return os.open(path, _RDONLY)
+        return posix.open(path, _RDONLY)
     except FileNotFoundError:
         return None
     except OSError as e:
@@ -54,7 +56,7 @@ def _read(path, first_line: bool) -> "bytes | None":
     try:
         chunks = []
         while True:
-            chunk = os.read(fd, _CHUNK)
+            chunk = posix.read(fd, _CHUNK)
             if not chunk:
                 return b"".join(chunks)
             if first_line:
@@ -68,7 +70,7 @@ def _read(path, first_line: bool) -> "bytes | None":
     except OSError as e:
         raise ControlError(path, e.errno) from None
     finally:
-        os.close(fd)
+        posix.close(fd)
 
 
 def read_line(path) -> "bytes | None":

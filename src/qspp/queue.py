@@ -1,8 +1,8 @@
 """qmail-queue client (spec §2.4, §2.6, §6.6).
 
 The queue program gets the message on fd 0 and the envelope on fd 1, both pipes,
-fd 2 and the current directory inherited.  os.posix_spawn keeps the start cheap;
-the pipe ends are created close-on-exec (os.pipe does that), so only the two dup2
+fd 2 and the current directory inherited.  posix.posix_spawn keeps the start cheap;
+the pipe ends are created close-on-exec (posix.pipe does that), so only the two dup2
 copies reach the child.  This relies on fds 0 and 1 being open in qspp, which they
 always are (the client connection), so pipe() never hands out 0 or 1.
 
@@ -11,7 +11,7 @@ ignored signal stays ignored across exec, as the queue has it under qmail.
 """
 
 import errno
-import os
+import posix
 import time
 
 from . import replies
@@ -79,7 +79,7 @@ def reply_for_status(wait_status, write_failed, pid, now):
 def _close(fd):
     if fd >= 0:
         try:
-            os.close(fd)
+            posix.close(fd)
         except OSError:
             pass
 
@@ -112,17 +112,17 @@ class Queue:
         """
         fds = []
         try:
-            mr, mw = os.pipe()
+            mr, mw = posix.pipe()
             fds += (mr, mw)
-            er, ew = os.pipe()
+            er, ew = posix.pipe()
             fds += (er, ew)
         except OSError as e:
             for fd in fds:
                 _close(fd)
             raise QueueStartError(e) from None
         try:
-            pid = os.posix_spawn(program, [program], env, file_actions=(
-                (os.POSIX_SPAWN_DUP2, mr, 0), (os.POSIX_SPAWN_DUP2, er, 1)))
+            pid = posix.posix_spawn(program, [program], env, file_actions=(
+                (posix.POSIX_SPAWN_DUP2, mr, 0), (posix.POSIX_SPAWN_DUP2, er, 1)))
         except OSError as e:
             for fd in fds:
                 _close(fd)
@@ -134,15 +134,15 @@ class Queue:
             for fd in fds:
                 _close(fd)
             raise QueueStartError(e) from None
-        os.close(mr)
-        os.close(er)
+        posix.close(mr)
+        posix.close(er)
         return cls(pid, mw, ew)
 
     def _write_all(self, fd, data):
         view = memoryview(data)
         try:
             while view:
-                view = view[os.write(fd, view):]
+                view = view[posix.write(fd, view):]
         except OSError:
             self.write_failed = True
 
@@ -164,7 +164,7 @@ class Queue:
         if self.pid is None:
             return replies.QQ_EXEC
         try:
-            _, status = os.waitpid(self.pid, 0)
+            _, status = posix.waitpid(self.pid, 0)
         except OSError:
             return replies.QQ_WAITPID
         self.status = status

@@ -1,12 +1,12 @@
 """Plugin configuration: which file, how it is parsed, SPPTIMEOUT (spp.md §2, §4.4).
 
-Imported on every connection that may run plugins, so it stays on os/errno only.
+Imported on every connection that may run plugins, so it stays on posix/errno only.
 Everything is bytes: the file is never decoded, entries are quoted verbatim in
 failure replies.
 """
 
 import errno as _errno
-import os
+import posix
 
 DEFAULT_PATH = b"control/smtpplugins"
 
@@ -40,7 +40,7 @@ class SppConfigError(Exception):
     def text(self):
         """Log text (without the `qspp: pid PID: ` prefix)."""
         return (b"unable to read " + self.path + b": "
-                + os.strerror(self.errno).encode("ascii", "replace"))
+                + posix.strerror(self.errno).encode("ascii", "replace"))
 
     def __str__(self):
         return self.text.decode("ascii", "backslashreplace")
@@ -99,18 +99,18 @@ def load_config(env):
 
 
 def _read_file(path):
-    # os.open on a directory succeeds on Linux; the EISDIR comes from read,
+    # posix.open on a directory succeeds on Linux; the EISDIR comes from read,
     # which is why reading happens inside the same error handling.
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    fd = posix.open(path, posix.O_RDONLY | posix.O_CLOEXEC)
     try:
         chunks = []
         while True:
-            b = os.read(fd, 65536)
+            b = posix.read(fd, 65536)
             if not b:
                 break
             chunks.append(b)
     finally:
-        os.close(fd)
+        posix.close(fd)
     return b"".join(chunks)
 
 

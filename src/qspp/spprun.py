@@ -7,7 +7,7 @@ the bare spawn.
 """
 
 import errno as _errno
-import os
+import posix
 import select
 import time
 
@@ -41,21 +41,21 @@ _READ_SIZE = 65536
 # poll() takes a C int of milliseconds; longer waits simply loop.
 _MAX_POLL_MS = 2000000000
 
-_pipe2 = os.pipe2
-_posix_spawn = os.posix_spawn
-_read = os.read
-_close = os.close
-_waitpid = os.waitpid
+_pipe2 = posix.pipe2
+_posix_spawn = posix.posix_spawn
+_read = posix.read
+_close = posix.close
+_waitpid = posix.waitpid
 _monotonic = time.monotonic
 _poll = select.poll
 _POLLIN = select.POLLIN
-_OPEN = os.POSIX_SPAWN_OPEN
-_DUP2 = os.POSIX_SPAWN_DUP2
-_O_RDONLY = os.O_RDONLY
-_O_CLOEXEC = os.O_CLOEXEC
-_WNOHANG = os.WNOHANG
-_pidfd_open = getattr(os, "pidfd_open", None)
-_sched_yield = getattr(os, "sched_yield", None) or (lambda: None)
+_OPEN = posix.POSIX_SPAWN_OPEN
+_DUP2 = posix.POSIX_SPAWN_DUP2
+_O_RDONLY = posix.O_RDONLY
+_O_CLOEXEC = posix.O_CLOEXEC
+_WNOHANG = posix.WNOHANG
+_pidfd_open = getattr(posix, "pidfd_open", None)
+_sched_yield = getattr(posix, "sched_yield", None) or (lambda: None)
 
 
 class RunResult:
@@ -100,11 +100,11 @@ def _kill(pid):
     # its group. Both are safe: the pid is not reaped yet, so neither id can
     # have been recycled.
     try:
-        os.killpg(pid, _SIGKILL)
+        posix.killpg(pid, _SIGKILL)
     except OSError:
         pass
     try:
-        os.kill(pid, _SIGKILL)
+        posix.kill(pid, _SIGKILL)
     except OSError:
         pass
 
@@ -196,7 +196,7 @@ def run_entry(entry, env, timeout, stdin_fd=None, on_line=None):
             actions = [(_OPEN, 0, b"/dev/null", _O_RDONLY, 0), (_DUP2, wfd, 1)]
         else:
             try:
-                os.lseek(stdin_fd, 0, os.SEEK_SET)
+                posix.lseek(stdin_fd, 0, 0)  # SEEK_SET
             except OSError:
                 pass
             actions = [(_DUP2, stdin_fd, 0), (_DUP2, wfd, 1)]
@@ -325,7 +325,7 @@ def run_entry(entry, env, timeout, stdin_fd=None, on_line=None):
             if failure is None:
                 failure = WAIT_FAILED
     if st is not None:
-        code = os.waitstatus_to_exitcode(st)
+        code = posix.waitstatus_to_exitcode(st)
         if code < 0:
             res.signal = -code
             if failure is None:
@@ -344,16 +344,16 @@ def cloexec_inherited_fds():
 
     posix_spawn has no portable "close the rest", so a descriptor inherited
     without FD_CLOEXEC (from tcpserver's parent, or made inheritable by
-    os.dup2) would reach every plugin. Call once at startup, before any run;
+    posix.dup2) would reach every plugin. Call once at startup, before any run;
     Python's own descriptors are already non-inheritable (PEP 446).
     """
     try:
-        fds = [int(n) for n in os.listdir(b"/proc/self/fd")]
+        fds = [int(n) for n in posix.listdir(b"/proc/self/fd")]
     except OSError:
         fds = range(3, 1024)
     for fd in fds:
         if fd > 2:
             try:
-                os.set_inheritable(fd, False)
+                posix.set_inheritable(fd, False)
             except OSError:
                 pass

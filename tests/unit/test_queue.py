@@ -306,7 +306,7 @@ def test_pipe_failure_raises_and_leaks_nothing(monkeypatch, base_env):
         return real_pipe()
 
     n = fd_count()
-    monkeypatch.setattr(qmod.os, "pipe", pipe)
+    monkeypatch.setattr(qmod.posix, "pipe", pipe)
     with pytest.raises(QueueStartError) as ei:
         Queue.start(b"/bin/true", base_env)
     assert ei.value.args[0].errno == errno.EMFILE
@@ -319,7 +319,7 @@ def test_spawn_resource_failure_raises(monkeypatch, base_env, err):
         raise OSError(err, os.strerror(err))
 
     n = fd_count()
-    monkeypatch.setattr(qmod.os, "posix_spawn", spawn)
+    monkeypatch.setattr(qmod.posix, "posix_spawn", spawn)
     with pytest.raises(QueueStartError):
         Queue.start(b"/bin/true", base_env)
     assert fd_count() == n
