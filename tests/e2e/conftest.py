@@ -104,6 +104,26 @@ def _b(v):
     return str(v).encode("utf-8", "surrogateescape")
 
 
+class ProcStat:
+    """The fields of /proc/PID/stat the tests look at."""
+
+    __slots__ = ("state", "ppid", "pgrp", "session")
+
+    def __init__(self, state, ppid, pgrp, session):
+        self.state, self.ppid, self.pgrp, self.session = state, ppid, pgrp, session
+
+
+def proc_stat(pid):
+    """ProcStat of a pid (zombies included), or None once it is gone."""
+    try:
+        with open("/proc/%s/stat" % pid, "rb") as f:
+            st = f.read()
+    except OSError:
+        return None
+    fields = st[st.rindex(b")") + 2:].split()
+    return ProcStat(fields[0], int(fields[1]), int(fields[2]), int(fields[3]))
+
+
 def wait_for(pred, timeout, what):
     deadline = time.monotonic() + timeout
     while True:

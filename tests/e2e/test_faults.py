@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from .conftest import QP_RE, REAL_PYTHON, wait_for
+from .conftest import QP_RE, REAL_PYTHON, proc_stat, wait_for
 
 OK = b"250 ok\r\n"
 GO = b"354 go ahead\r\n"
@@ -31,24 +31,14 @@ def failure(entry, what):
 
 # ---------------------------------------------------------------- process checks
 
-def _stat(pid):
-    try:
-        with open("/proc/%s/stat" % pid, "rb") as f:
-            st = f.read()
-    except OSError:
-        return None
-    fields = st[st.rindex(b")") + 2:].split()
-    return fields[0], int(fields[1]), int(fields[2])  # state, ppid, pgrp
-
-
 def children(pid):
     """Every child of PID, zombies included."""
     out = []
     for d in os.listdir("/proc"):
         if d.isdigit():
-            s = _stat(d)
-            if s is not None and s[1] == pid:
-                out.append((int(d), s[0]))
+            s = proc_stat(d)
+            if s is not None and s.ppid == pid:
+                out.append((int(d), s.state))
     return out
 
 
@@ -56,8 +46,8 @@ def group_members(pgid):
     out = []
     for d in os.listdir("/proc"):
         if d.isdigit():
-            s = _stat(d)
-            if s is not None and s[2] == pgid:
+            s = proc_stat(d)
+            if s is not None and s.pgrp == pgid:
                 out.append(int(d))
     return out
 

@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from .conftest import wait_for
+from .conftest import proc_stat, wait_for
 
 # ---------------------------------------------------------------- fixture §7
 
@@ -192,24 +192,13 @@ def after_refusal(c, home, phase):
         home.assert_no_new_runs()
 
 
-def proc_stat(pid):
-    """(state, pgrp, session) of a live pid, or None."""
-    try:
-        with open("/proc/%s/stat" % pid, "rb") as f:
-            st = f.read()
-    except OSError:
-        return None
-    fields = st[st.rindex(b")") + 2:].split()
-    return fields[0], int(fields[2]), int(fields[3])
-
-
 def group_alive(pgid):
     """Live (non-zombie) members of process group PGID."""
     out = []
     for d in os.listdir("/proc"):
         if d.isdigit():
             s = proc_stat(d)
-            if s is not None and s[1] == pgid and s[0] != b"Z":
+            if s is not None and s.pgrp == pgid and s.state != b"Z":
                 out.append(int(d))
     return out
 
@@ -221,7 +210,7 @@ def session_procs(smtpd, needle):
         if not d.isdigit():
             continue
         s = proc_stat(d)
-        if s is None or s[0] == b"Z" or s[2] != smtpd.proc.pid:
+        if s is None or s.state == b"Z" or s.session != smtpd.proc.pid:
             continue
         try:
             with open("/proc/%s/cmdline" % d, "rb") as f:
