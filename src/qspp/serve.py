@@ -53,7 +53,7 @@ import socket
 import sys
 import time
 
-from . import smtpd
+from . import diagnose, home as homes, smtpd
 from .diag import log
 from .tcprules import Rules, RulesError, signature
 
@@ -155,15 +155,6 @@ def parse_args(argv):
 # ---------------------------------------------------------------------------
 # the home
 
-def embedded_home_path(environ) -> bytes:
-    xdg = environ.get(b"XDG_DATA_HOME")
-    # the XDG spec: a relative value is invalid and must be ignored
-    if xdg and xdg.startswith(b"/"):
-        return os.path.join(xdg, b"qspp")
-    home = environ.get(b"HOME") or os.path.expanduser(b"~")
-    return os.path.join(home, b".local", b"share", b"qspp")
-
-
 def _queue_script() -> bytes:
     """A qmail-queue that runs qspp.maildirqueue from this very installation."""
     import shlex
@@ -216,13 +207,9 @@ def make_embedded_home(home: bytes) -> "tuple[bytes, bool]":
 
 def choose_home(ns, environ) -> "tuple[bytes, dict]":
     """(home, variables to set); logs where mail goes for the embedded home."""
-    if ns.qmailhome:
-        return os.path.abspath(os.fsencode(ns.qmailhome)), {}
-    if environ.get(b"QMAILHOME"):
-        return os.path.abspath(environ[b"QMAILHOME"]), {}
-    if os.path.exists(b"/var/qmail/control/me"):
-        return b"/var/qmail", {}
-    home = os.path.abspath(embedded_home_path(environ))
+    home, how = homes.find(ns.qmailhome, environ)  # as `qspp check` finds it
+    if how != homes.EMBEDDED:
+        return home, {}
     queue, created = make_embedded_home(home)
     extra = {}
     if not environ.get(b"QMAILQUEUE"):
@@ -639,6 +626,9 @@ def main(argv=None, environ=None) -> int:
     except OSError as e:
         log("serve: cannot switch user or group: %s" % (e.strerror or e))
         return 111
+    # what `qspp check` would say, seen as the sessions' user; serve runs anyway
+    diagnose.log_startup(home, server.base_env, rules_path,
+                         switched=ns.uid is not None or ns.user is not None)
     server.install_signals()
     log(b"serve: listening on %s port %d, concurrency %d, home %s%s" % (
         local[0].encode(), local[1], ns.concurrency, home,

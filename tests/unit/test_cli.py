@@ -5,11 +5,12 @@ test process gets its cwd back. Plugins are real processes (small shell scripts)
 """
 
 import os
+import pwd
 import re
 
 import pytest
 
-from qspp import cli
+from qspp import check, cli, diagnose
 
 
 @pytest.fixture
@@ -26,6 +27,10 @@ def home(tmp_path, monkeypatch):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("QMAILHOME", str(h))
     monkeypatch.chdir(tmp_path)
+    # the note for a TLS home without it has tests of its own
+    monkeypatch.setenv("FORCETLS", "1")
+    # as a root check finds qmaild: sessions switch to this very user
+    monkeypatch.setattr(diagnose, "SESSION_USER", pwd.getpwuid(os.geteuid()).pw_name)
     return h
 
 
@@ -41,7 +46,7 @@ def plugin(home, name, body, mode=0o755):
 
 
 # lines before `config:` in a home with control/me: see prelude()
-PRE = 6
+PRE = 7
 
 
 def run(capsys, *argv):
@@ -54,11 +59,16 @@ QUEUE_LINE = "queue: bin/qmail-queue (default)"
 NO_TLS = "STARTTLS: not offered (no control/servercert.pem; STARTTLS gets 502)"
 
 
+def user_line():
+    return diagnose.check_user().listing()
+
+
 def prelude(home, auth="off (no arguments)", timeout="60 s (default)"):
-    return ["home: %s" % home,
+    return ["home: %s (from QMAILHOME)" % home,
             'greeting: "220 test.example ESMTP" (control/me)',
             QUEUE_LINE,
             NO_TLS,
+            user_line(),
             "SPPTIMEOUT: " + timeout,
             "AUTH mode: " + auth]
 
@@ -340,9 +350,10 @@ def test_check_control_files(home, capsys, monkeypatch):
     config(home, b"")
     status, out, _ = run(capsys, "check")
     assert out == [
-        "home: %s" % home,
+        "home: %s (from QMAILHOME)" % home,
         QUEUE_LINE,
         NO_TLS,
+        user_line(),
         "SPPTIMEOUT: 60 s",
         "AUTH mode: off (no arguments)",
         "config: control/smtpplugins",
@@ -379,7 +390,8 @@ def test_check_spptimeout_zero(home, capsys, monkeypatch):
 def test_check_home_missing(home, capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("QMAILHOME", str(tmp_path / "nowhere"))
     status, out, _ = run(capsys, "check")
-    assert out == ["home: %s" % (tmp_path / "nowhere"),
+    assert out == ["home: %s (from QMAILHOME)" % (tmp_path / "nowhere"),
+                   user_line(),
                    "error: cannot chdir to %s: No such file or directory"
                    " (connections get 421 unable to read controls (#4.3.0))" % (tmp_path / "nowhere"),
                    "check: 1 error, 0 warnings, 0 notes"]
@@ -430,7 +442,10 @@ CERT_FAILS = ('STARTTLS: offered, but fails (control/servercert.pem does not loa
 
 
 def control_file(home, name, data):
-    (home / "control" / name).write_bytes(data)
+    p = home / "control" / name
+    p.write_bytes(data)
+    if name == "servercert.pem":
+        p.chmod(0o600)  # a private key: others must not read it
 
 
 def findings(out):
@@ -683,7 +698,8 @@ def test_check_ciphers_unused_without_servercert(home, capsys):
 
 def as_qmaild(monkeypatch, uid=4242, gids=(4243,)):
     """check as root on a system with a qmaild user: permissions are judged for it."""
-    monkeypatch.setattr(cli, "_session_user", lambda: ("qmaild", uid, set(gids)))
+    who = diagnose.Who("qmaild", uid, gids[0], gids, False, True, "test")
+    monkeypatch.setattr(diagnose, "check_user", lambda *a: who)
 
 
 def test_check_plugins_qmaild_cannot_run(home, capsys, monkeypatch):
@@ -728,13 +744,15 @@ def test_check_servercert_qmaild_cannot_read(home, capsys, monkeypatch):
     assert status == 0
 
 
-def test_session_user_lookup():
+def test_session_user_lookup(monkeypatch):
     # only root's view needs the correction; qmaild rarely exists on a test box
-    user = cli._session_user()
-    if os.geteuid() != 0:
-        assert user is None
-    elif user is not None:
-        assert user[0] == "qmaild" and isinstance(user[1], int)
+    monkeypatch.setattr(diagnose, "SESSION_USER", "qspp-no-such-user")
+    who = diagnose.check_user()
+    assert (who.uid, who.current, who.switched) == (os.geteuid(), True, False)
+    if os.geteuid() == 0:
+        monkeypatch.setattr(diagnose, "SESSION_USER", "nobody")
+        who = diagnose.check_user()
+        assert (who.name, who.current, who.switched) == ("nobody", False, True)
 
 
 def test_check_newcomer_home(home, capsys):
@@ -747,10 +765,11 @@ def test_check_newcomer_home(home, capsys):
     config(home, b"[connection]\r\nplugins/rbl -z zen\r\n[rcpts]\nplugins/rbl\n")
     status, out, _ = run(capsys, "check")
     assert out[:PRE] == [
-        "home: %s" % home,
+        "home: %s (from QMAILHOME)" % home,
         'greeting: "220 mx.example\\r ESMTP" (control/me)',
         QUEUE_LINE,
         CERT_FAILS,
+        user_line(),
         "SPPTIMEOUT: 60 s (default)",
         "AUTH mode: off (no arguments)",
     ]
@@ -784,12 +803,12 @@ def test_check_newcomer_home(home, capsys):
 
 def test_entry_lines_agree_with_parse():
     data = (b"x\n[helo]\n a \n#c\n[Helo]\nb\n[mail\nc\0junk\n\n[m]\r\nd\r\n[]\ne\n[body]\nf")
-    located = cli._entry_lines(data)
+    located = check._entry_lines(data)
     assert located == [("helo", b"a", 3), ("mail", b"c", 8), ("mail", b"d", 11), ("body", b"f", 15)]
     grouped = {}
     for phase, entry, _ in located:
         grouped.setdefault(phase, []).append(entry)
-    assert grouped == cli.sppconfig.parse(data).sections
+    assert grouped == check.sppconfig.parse(data).sections
 
 
 # --- qspp plugin-test ---------------------------------------------------------
@@ -1075,9 +1094,13 @@ def test_plugin_test_spptimeout_from_assignment_and_invalid(home, capsys):
 # --- usage, version -----------------------------------------------------------
 
 @pytest.mark.parametrize("argv, message", [
-    ([], "qspp: error: a command is required: check, plugin-test or version"),
-    (["frobnicate"], "qspp: error: argument COMMAND: invalid choice: 'frobnicate'"),
-    (["plugin-test", "quit", ":true"], "qspp plugin-test: error: argument PHASE: invalid choice: 'quit'"),
+    ([], "qspp: a command is required:\n  serve "),
+    (["frobnicate"], "qspp: error: unknown command frobnicate: it is one of serve, check,"
+                     " plugin-test, version"),
+    (["plugin-test", "quit", ":true"], "qspp plugin-test: error: PHASE quit is not one of:"
+                                       " connection, helo, mail, rcpt, data, auth, body"),
+    (["plugin-test"], "qspp plugin-test: error: the following arguments are required:"
+                      " PHASE, ENTRY\n"),
     (["plugin-test", "helo"], "qspp plugin-test: error: the following arguments are required: ENTRY"),
     (["plugin-test", "body", ":true"], "qspp plugin-test: error: the body phase needs --message FILE"),
     (["plugin-test", "--message", "m", "helo", ":true"],
