@@ -12,13 +12,28 @@ Permissions are judged by trying (os.access) when the session user is this
 process, else from the mode bits.
 
 Never on the per-connection path: subprocess, pwd and ssl are fine here.
+Everything is imported up front: serve runs these checks after its user
+switch, when the session user may not be able to read Python's own library.
 """
 
+import grp
 import os
+import pwd
 import re
+import signal
 import stat
+import subprocess
 
 from . import control
+from .diag import log
+from .cdb import HEADER_SIZE
+from .queue import queue_program, reply_for_status
+from .tcprules import Rules, RulesError, parse as parse_rule
+
+try:
+    import ssl
+except ImportError:  # pragma: no cover - a Python without ssl has no STARTTLS either
+    ssl = None
 from .show import q as _q, text as _text
 
 CONTROLS_421 = "connections get 421 unable to read controls (#4.3.0)"
@@ -55,9 +70,8 @@ class Report:
 
 def _user_name(uid):
     try:
-        import pwd
         return pwd.getpwuid(uid).pw_name
-    except (ImportError, KeyError):
+    except KeyError:
         return "uid %d" % uid
 
 
@@ -102,7 +116,6 @@ class UserError(Exception):
 def check_user(uid=None, gid=None, name=None):
     """The session user `qspp check` judges permissions for."""
     if name is not None:
-        import pwd
         try:
             pw = pwd.getpwnam(name)
         except KeyError:
@@ -112,7 +125,6 @@ def check_user(uid=None, gid=None, name=None):
     if uid is not None:
         if gid is None:
             # what -u alone should mean: that user's primary group
-            import pwd
             try:
                 gid = pwd.getpwuid(uid).pw_gid
             except KeyError:
@@ -124,10 +136,8 @@ def check_user(uid=None, gid=None, name=None):
         # Root may read and run nearly anything: what matters is what the
         # connections' user may do.
         try:
-            import grp
-            import pwd
             pw = pwd.getpwnam(SESSION_USER)
-        except (ImportError, KeyError):
+        except KeyError:
             pass
         else:
             gids = {pw.pw_gid} | {g.gr_gid for g in grp.getgrall() if SESSION_USER in g.gr_mem}
@@ -338,9 +348,6 @@ def probe_queue(program, env, who):
     message on fd 0, an envelope that ends at once on fd 1.  qmail-queue then
     exits 54 having queued nothing.  Any status but 0 or 54 is what every
     message would get too.  Returns (kind, text) findings."""
-    import signal
-    import subprocess
-    from .queue import reply_for_status
     switch = {}
     if not who.current and who.uid != os.geteuid() and os.geteuid() == 0:
         switch = {"user": who.uid, "group": who.gid, "extra_groups": sorted(who.gids)}
@@ -381,7 +388,6 @@ def probe_queue(program, env, who):
 def _check_queue(report, env, who, probe):
     """The queue program (qmail-smtpd.md §2.6), relative to the home as a
     connection runs it; the listing line says which one."""
-    from .queue import queue_program
     program = queue_program(env)
     found = exec_problems(program, who)
     if probe and not any(kind == "error" for kind, _ in found):
@@ -441,8 +447,9 @@ def _check_tls(report, env, who, rules):
     except OSError as e:
         report.add("error", "%s (STARTTLS is not offered)" % e.strerror, SERVERCERT)
         return "STARTTLS: not offered (control/servercert.pem cannot be looked up)"
-    # Only here: ssl is slow to import and the rest of check has no use for it.
-    import ssl
+    if ssl is None:
+        report.add("error", "this Python has no ssl module (STARTTLS gets 454)", SERVERCERT)
+        return "STARTTLS: offered, but fails (no ssl module)"
 
     def context():
         return ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -509,8 +516,6 @@ _RULES_UNREADABLE = ("changes to the rules never take effect (qspp serve keeps t
 
 def _rules_set(path, name):
     """Does any rule in the cdb at path set name to a value that is on()?"""
-    from .cdb import HEADER_SIZE
-    from .tcprules import parse
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -525,7 +530,7 @@ def _rules_set(path, name):
         klen = int.from_bytes(data[pos:pos + 4], "little")
         dlen = int.from_bytes(data[pos + 4:pos + 8], "little")
         start = pos + 8 + klen
-        for n, value in parse(data[start:start + dlen])[1]:
+        for n, value in parse_rule(data[start:start + dlen])[1]:
             if n == name and on(value):
                 return True
         pos = start + dlen
@@ -533,7 +538,6 @@ def _rules_set(path, name):
 
 
 def _check_rules(report, path, who):
-    from .tcprules import Rules, RulesError
     try:
         st = os.stat(path)
     except OSError as e:
@@ -598,7 +602,6 @@ def startup_lines(home, env, rules=None, switched=False):
 
 def log_startup(home, env, rules=None, switched=False):
     """One log line per problem; serve starts anyway, as qmail-smtpd would."""
-    from .diag import log
     for line in startup_lines(home, env, rules, switched):
         log("serve: " + line)
 
