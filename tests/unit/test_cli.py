@@ -7,6 +7,7 @@ test process gets its cwd back. Plugins are real processes (small shell scripts)
 import os
 import pwd
 import re
+from pathlib import Path
 
 import pytest
 
@@ -1131,3 +1132,466 @@ def test_version(capsys, argv):
     assert status == 0
     assert len(out) == 1 and re.fullmatch(r"qspp (\d+\.\d+\S*|unknown)", out[0]), out
     assert out[0] == "qspp " + cli.version()
+
+
+# --- qspp check and serve's start: the same home, the same findings ------------
+
+from qspp import home as homes  # noqa: E402
+from qspp.cdb import make as make_cdb  # noqa: E402
+
+
+def test_home_lookup_order(tmp_path, monkeypatch):
+    installed = tmp_path / "var-qmail"
+    monkeypatch.setattr(homes, "QMAIL", os.fsencode(installed))
+    env = {b"HOME": os.fsencode(tmp_path / "root")}
+    embedded = os.fsencode(tmp_path / "root" / ".local" / "share" / "qspp")
+    assert homes.find(None, env) == (embedded, homes.EMBEDDED)
+    env[b"XDG_DATA_HOME"] = os.fsencode(tmp_path / "xdg")
+    assert homes.find(None, env) == (os.fsencode(tmp_path / "xdg" / "qspp"), homes.EMBEDDED)
+    env[b"XDG_DATA_HOME"] = b"relative"   # the XDG spec: ignored
+    assert homes.find(None, env) == (embedded, homes.EMBEDDED)
+    (installed / "control").mkdir(parents=True)
+    # /var/qmail counts only as a qmail installation: one with control/me
+    assert homes.find(None, env)[1] == homes.EMBEDDED
+    (installed / "control" / "me").write_bytes(b"mx.example\n")
+    assert homes.find(None, env) == (os.fsencode(installed), homes.INSTALLED)
+    env[b"QMAILHOME"] = b""   # empty means unset
+    assert homes.find(None, env)[1] == homes.INSTALLED
+    env[b"QMAILHOME"] = b"/q"
+    assert homes.find(None, env) == (b"/q", homes.ENVIRONMENT)
+    assert homes.find("/opt/q", env) == (b"/opt/q", homes.OPTION)
+    assert homes.find(b"/opt/q", env) == (b"/opt/q", homes.OPTION)
+
+
+def test_serve_choose_home_uses_the_same_lookup(tmp_path, monkeypatch):
+    from qspp import serve
+    monkeypatch.setattr(homes, "QMAIL", os.fsencode(tmp_path / "none"))
+    ns = serve.parse_args(["--qmailhome", str(tmp_path / "h")])
+    assert serve.choose_home(ns, {}) == (os.fsencode(tmp_path / "h"), {})
+    ns = serve.parse_args([])
+    env = {b"QMAILHOME": os.fsencode(tmp_path / "e")}
+    assert serve.choose_home(ns, env) == (os.fsencode(tmp_path / "e"), {})
+    env = {b"XDG_DATA_HOME": os.fsencode(tmp_path / "xdg")}
+    home, extra = serve.choose_home(ns, env)
+    assert (home, homes.EMBEDDED) == homes.find(None, env)
+    assert extra == {b"QMAILQUEUE": os.path.join(home, b"bin", b"qmail-queue")}
+
+
+def test_check_qmailhome_option_wins(home, capsys, tmp_path):
+    other = tmp_path / "other"
+    (other / "control").mkdir(parents=True)
+    config(home, b"")
+    status, out, _ = run(capsys, "check", "--qmailhome", str(other))
+    assert out[0] == "home: %s (from --qmailhome)" % other
+    assert "error: control/me and control/smtpgreeting are both absent (connections get 421"\
+           " unable to read controls (#4.3.0))" in out
+
+
+def test_check_finds_the_embedded_home(home, capsys, monkeypatch, tmp_path):
+    """No --qmailhome, no QMAILHOME, no /var/qmail: check looks where serve
+    makes its embedded home, instead of failing on /var/qmail."""
+    from qspp import serve
+    monkeypatch.delenv("QMAILHOME")
+    monkeypatch.setattr(homes, "QMAIL", os.fsencode(tmp_path / "no-var-qmail"))
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    embedded = tmp_path / "xdg" / "qspp"
+    status, out, _ = run(capsys, "check")
+    assert out == [
+        "home: %s (embedded, qspp serve's own: no --qmailhome, no QMAILHOME,"
+        " no /var/qmail/control/me)" % embedded,
+        "note: the embedded home does not exist yet: qspp serve creates it at its first start",
+        "check: 0 errors, 0 warnings, 1 note"]
+    assert status == 0
+    # once serve made it, check checks it, queue program included
+    serve.make_embedded_home(os.fsencode(embedded))
+    status, out, _ = run(capsys, "check")
+    assert out[2] == "queue: %s/bin/qmail-queue (from QMAILQUEUE)" % embedded
+    assert findings(out) == ["check: 0 errors, 0 warnings, 0 notes"]
+    assert status == 0
+
+
+def queue_program(home, body):
+    q = home / "bin" / "qmail-queue"
+    q.write_bytes(body)
+    q.chmod(0o755)
+    return q
+
+
+def test_check_queue_program_that_cannot_start(home, capsys):
+    """The sample queue script with no python3 that can import qspp: it starts
+    as a file but every message got 451; check used to say 0 errors."""
+    queue_program(home, b'#!/bin/sh\necho "python3: No module named qspp" >&2\nexit 1\n')
+    config(home, b"")
+    status, out, _ = run(capsys, "check")
+    assert findings(out) == [
+        "error: bin/qmail-queue: the queue program, run as for an aborted message: exit status 1,"
+        ' where qmail-queue exits 54 (messages get "451 qq temporary problem (#4.3.0)");'
+        ' it said: "python3: No module named qspp"',
+        "check: 1 error, 0 warnings, 0 notes"]
+    assert status == 1
+
+
+@pytest.mark.parametrize("body, how, reply", [
+    (b"#!/bin/sh\nexec /nonexistent/python3 -m qspp.maildirqueue\n",
+     "exit status 127, where qmail-queue exits 54", "451 qq temporary problem (#4.3.0)"),
+    (b"#!/bin/sh\nkill -SEGV $$\n", "killed by signal 11", "451 qq crashed (#4.3.0)"),
+    (b"#!/bin/sh\nexit 61\n", "exit status 61, where qmail-queue exits 54",
+     "451 qq trouble in home directory (#4.3.0)"),
+])
+def test_check_queue_program_failures(home, capsys, body, how, reply):
+    queue_program(home, body)
+    config(home, b"")
+    status, out, _ = run(capsys, "check")
+    (line, count) = findings(out)
+    assert line.startswith("error: bin/qmail-queue: the queue program, run as for an aborted"
+                           ' message: %s (messages get "%s")' % (how, reply)), line
+    assert status == 1
+
+
+def test_check_queue_program_hangs(home, capsys, monkeypatch):
+    monkeypatch.setattr(diagnose, "PROBE_SECONDS", 0.5)
+    queue_program(home, b"#!/bin/sh\nexec sleep 30\n")
+    config(home, b"")
+    status, out, _ = run(capsys, "check")
+    assert findings(out) == [
+        "error: bin/qmail-queue: the queue program, run as for an aborted message, still runs"
+        " after 0 s (messages get 451 qq timeout at best)",
+        "check: 1 error, 0 warnings, 0 notes"]
+
+
+def test_check_queue_probe_queues_nothing(home, capsys, tmp_path):
+    """qspp's own Maildir queue, run by the probe: exit 54, nothing delivered."""
+    import sys
+    src = os.path.dirname(os.path.dirname(os.path.abspath(diagnose.__file__)))
+    queue_program(home, b"#!/bin/sh\nPYTHONPATH=%s exec %s -m qspp.maildirqueue\n"
+                  % (os.fsencode(src), os.fsencode(sys.executable)))
+    config(home, b"")
+    status, out, _ = run(capsys, "check")
+    assert findings(out) == ["check: 0 errors, 0 warnings, 0 notes"]
+    assert not os.path.exists(home / "Maildir" / "new") or not os.listdir(home / "Maildir" / "new")
+
+
+def test_check_queue_probe_runs_as_the_session_user(home, capsys):
+    if os.geteuid() != 0:
+        pytest.skip("switching users needs root")
+    import shutil
+    import tempfile
+    # pytest's tmp_path lies under a mode-0700 directory that nobody cannot enter
+    base = tempfile.mkdtemp(prefix="qspp-check-")
+    try:
+        os.chmod(base, 0o777)
+        shutil.copytree(home, base + "/home")
+        ids = base + "/ids"
+        queue_program(Path(base) / "home", b"#!/bin/sh\nid -u >%s; id -G >>%s\nexit 54\n"
+                      % (os.fsencode(ids), os.fsencode(ids)))
+        status, out, _ = run(capsys, "check", "--qmailhome", base + "/home",
+                             "-u", "65534", "-g", "65533")
+        with open(ids, "rb") as f:
+            assert f.read() == b"65534\n65533\n"
+        assert status == 0
+    finally:
+        shutil.rmtree(base)
+
+
+def test_check_root_without_user_switch(home, capsys, monkeypatch):
+    root = diagnose.Who("root", 0, 0, {0}, True, False, "this process, no user switch")
+    monkeypatch.setattr(diagnose, "check_user", lambda *a: root)
+    config(home, b"")
+    status, out, _ = run(capsys, "check")
+    assert out[4] == "user: root (uid 0, gid 0; this process, no user switch)"
+    assert findings(out) == [
+        "warning: running as root without a user switch: sessions, plugins and the queue"
+        " program run as root (give --user NAME, or -u UID -g GID)",
+        "check: 0 errors, 1 warning, 0 notes"]
+    assert status == 0
+    # a switch to root asked for in so many words is not warned about
+    root.switched = True
+    assert findings(run(capsys, "check")[1]) == ["check: 0 errors, 0 warnings, 0 notes"]
+
+
+def test_check_user_options():
+    who = diagnose.check_user(uid=4242, gid=4243)
+    assert (who.uid, who.gid, who.gids, who.current, who.switched) == (4242, 4243, {4243},
+                                                                      False, True)
+    assert who.listing() == "user: uid 4242 (uid 4242, gid 4243; the user switch given)"
+    me = diagnose.check_user(name=pwd.getpwuid(os.geteuid()).pw_name)
+    assert (me.uid, me.current, me.switched) == (os.geteuid(), True, True)
+    with pytest.raises(diagnose.UserError) as e:
+        diagnose.check_user(name="qspp-no-such-user")
+    assert str(e.value) == "no such user: qspp-no-such-user"
+
+
+def test_check_unknown_user_is_a_usage_error(home, capsys):
+    status, out, err = run(capsys, "check", "--user", "qspp-no-such-user")
+    assert (status, out, err) == (2, [], "qspp: no such user: qspp-no-such-user\n")
+
+
+def test_check_servercert_others_can_read(home, capsys):
+    control_file(home, "servercert.pem", CERT + KEY)
+    (home / "control" / "servercert.pem").chmod(0o644)
+    config(home, b"")
+    status, out, _ = run(capsys, "check")
+    assert out[3] == CERT_LOADS
+    assert findings(out) == [
+        "control/servercert.pem: warning: others can read it (mode 0644), and it holds the"
+        " private key: chmod o-r, and give the session user read access by owner or group",
+        "check: 0 errors, 1 warning, 0 notes"]
+    assert status == 0
+    # a certificate alone may be public (it fails for lack of a key, a separate error)
+    control_file(home, "servercert.pem", CERT)
+    (home / "control" / "servercert.pem").chmod(0o644)
+    _, out, _ = run(capsys, "check")
+    assert not any("others can read" in line for line in out)
+
+
+def test_check_servercert_session_user_cannot_read(home, capsys, monkeypatch):
+    as_qmaild(monkeypatch, uid=4242, gids=(4243,))
+    control_file(home, "servercert.pem", CERT + KEY)
+    cert = home / "control" / "servercert.pem"
+    os.chown(cert, 0, 4243) if os.geteuid() == 0 else None
+    cert.chmod(0o640)   # qmaild's group may read it: the usual setup
+    config(home, b"")
+    status, out, _ = run(capsys, "check")
+    if os.geteuid() == 0:
+        assert out[3] == CERT_LOADS and status == 0
+    os.chmod(cert, 0o600)
+    status, out, _ = run(capsys, "check")
+    st = os.stat(cert)
+    assert findings(out) == [
+        "control/servercert.pem: error: does not load: qmaild cannot read it (mode 0600,"
+        " owner %d:%d) (STARTTLS gets 454 TLS missing certificate)" % (st.st_uid, st.st_gid),
+        "check: 1 error, 0 warnings, 0 notes"]
+    assert status == 1
+
+
+FORCETLS_NOTE = ("note: FORCETLS is not set: in AUTH mode, LOGIN and PLAIN are offered and"
+                 " accepted before STARTTLS (FORCETLS=1, per client in the rules, requires TLS"
+                 " for AUTH)")
+
+
+def test_check_tls_home_without_forcetls(home, capsys, monkeypatch, tmp_path):
+    control_file(home, "servercert.pem", CERT + KEY)
+    config(home, b"")
+    for value in (None, "", "0"):
+        if value is None:
+            monkeypatch.delenv("FORCETLS")
+        else:
+            monkeypatch.setenv("FORCETLS", value)
+        status, out, _ = run(capsys, "check")
+        assert findings(out) == [FORCETLS_NOTE, "check: 0 errors, 0 warnings, 1 note"], value
+        assert status == 0
+    # set per client in the rules checked along: no note
+    rules = tmp_path / "rules.cdb"
+    make_cdb(rules, list({b"127.0.0.1": b"+RELAYCLIENT=\0", b"": b"+FORCETLS=1\0"}.items()))
+    status, out, _ = run(capsys, "check", "-x", str(rules))
+    assert findings(out) == ["check: 0 errors, 0 warnings, 0 notes"]
+    make_cdb(rules, list({b"": b"+FORCETLS=0\0"}.items()))
+    assert FORCETLS_NOTE in run(capsys, "check", "-x", str(rules))[1]
+    monkeypatch.setenv("FORCETLS", "yes")
+    assert findings(run(capsys, "check")[1]) == ["check: 0 errors, 0 warnings, 0 notes"]
+    # no certificate, no TLS: nothing to say
+    (home / "control" / "servercert.pem").unlink()
+    monkeypatch.delenv("FORCETLS")
+    assert findings(run(capsys, "check")[1]) == ["check: 0 errors, 0 warnings, 0 notes"]
+
+
+def test_check_rules_file(home, capsys, monkeypatch, tmp_path):
+    config(home, b"")
+    rules = tmp_path / "rules.cdb"
+    make_cdb(rules, list({b"": b""}.items()))
+    status, out, _ = run(capsys, "check", "-x", str(rules))
+    assert out[4:6] == ["rules: %s" % rules, user_line()]
+    assert findings(out) == ["check: 0 errors, 0 warnings, 0 notes"]
+    # relative to where check was started, not to the home
+    monkeypatch.chdir(tmp_path)
+    _, out, _ = run(capsys, "check", "--rules", "rules.cdb")
+    assert out[4] == "rules: %s" % rules
+    rules.write_bytes(b"junk")
+    status, out, _ = run(capsys, "check", "-x", str(rules))
+    assert findings(out) == [
+        "%s: error: cannot be used: 4 bytes: too short for a cdb (qspp serve does not start"
+        " with it)" % rules,
+        "check: 1 error, 0 warnings, 0 notes"]
+    assert status == 1
+    status, out, _ = run(capsys, "check", "-x", str(tmp_path / "none.cdb"))
+    assert findings(out) == [
+        "%s: error: cannot be used: No such file or directory (qspp serve does not start"
+        " with it)" % (tmp_path / "none.cdb"),
+        "check: 1 error, 0 warnings, 0 notes"]
+
+
+def test_check_rules_the_session_user_cannot_read(home, capsys, monkeypatch, tmp_path):
+    as_qmaild(monkeypatch)
+    config(home, b"")
+    rules = tmp_path / "rules.cdb"
+    make_cdb(rules, list({b"": b""}.items()))
+    rules.chmod(0o600)
+    st = os.stat(rules)
+    status, out, _ = run(capsys, "check", "-x", str(rules))
+    assert findings(out) == [
+        "%s: warning: qmaild cannot read it (mode 0600, owner %d:%d): changes to the rules never"
+        " take effect (qspp serve keeps the rules of its start; tcpserver -x drops every"
+        " connection)" % (rules, st.st_uid, st.st_gid),
+        "check: 0 errors, 1 warning, 0 notes"]
+    assert status == 0
+    rules.chmod(0o644)
+    assert findings(run(capsys, "check", "-x", str(rules))[1]) == [
+        "check: 0 errors, 0 warnings, 0 notes"]
+
+
+def test_check_control_file_the_session_user_cannot_read(home, capsys, monkeypatch):
+    as_qmaild(monkeypatch)
+    (home / "control" / "rcpthosts").chmod(0o600)
+    config(home, b"")
+    status, out, _ = run(capsys, "check")
+    assert findings(out) == [
+        "error: unable to read control/rcpthosts: qmaild cannot read it (mode 0600, owner %d:%d)"
+        " (connections get 421 unable to read controls (#4.3.0))"
+        % (os.stat(home / "control" / "rcpthosts").st_uid,
+           os.stat(home / "control" / "rcpthosts").st_gid),
+        "check: 1 error, 0 warnings, 0 notes"]
+    assert status == 1
+
+
+def test_check_home_the_session_user_cannot_enter(home, capsys, monkeypatch):
+    as_qmaild(monkeypatch)
+    home.chmod(0o700)
+    try:
+        status, out, _ = run(capsys, "check")
+    finally:
+        home.chmod(0o755)
+    st = os.stat(home)
+    assert out[2:] == [
+        "error: cannot chdir to %s: qmaild cannot enter it (mode 0700, owner %d:%d)"
+        " (connections get 421 unable to read controls (#4.3.0))" % (home, st.st_uid, st.st_gid),
+        "check: 1 error, 0 warnings, 0 notes"]
+    assert status == 1
+
+
+def startup(home, env=None, rules=None, switched=True):
+    env = dict(os.environb if env is None else env)
+    return diagnose.startup_lines(os.fsencode(home), env, rules, switched)
+
+
+def test_serve_start_lines_are_checks_findings(home, capsys, monkeypatch, tmp_path):
+    """A broken home: serve's start-up lines are check's errors and warnings,
+    word for word, and the cwd is left where it was."""
+    (home / "control" / "me").unlink()
+    (home / "control" / "rcpthosts").write_bytes(b"")
+    queue_program(home, b"#!/bin/sh\nexit 1\n")
+    control_file(home, "servercert.pem", CERT + KEY)
+    (home / "control" / "servercert.pem").chmod(0o644)
+    config(home, b"")
+    status, out, _ = run(capsys, "check")
+    checked = [line for line in findings(out)[:-1] if ": note: " not in line
+               and not line.startswith("note: ")]
+    monkeypatch.chdir(tmp_path)
+    lines = startup(home)
+    assert os.getcwd() == str(tmp_path)
+    assert lines == checked
+    assert lines == [
+        "error: control/me and control/smtpgreeting are both absent (connections get 421 unable"
+        " to read controls (#4.3.0))",
+        "control/rcpthosts: warning: lists no domain: every recipient address with an @ is"
+        " refused (553) unless RELAYCLIENT is set",
+        "error: bin/qmail-queue: the queue program, run as for an aborted message: exit status 1,"
+        ' where qmail-queue exits 54 (messages get "451 qq temporary problem (#4.3.0)")',
+        "control/servercert.pem: warning: others can read it (mode 0644), and it holds the"
+        " private key: chmod o-r, and give the session user read access by owner or group",
+    ]
+
+
+def test_serve_start_lines_root_and_rcpthosts(home, monkeypatch):
+    (home / "control" / "rcpthosts").unlink()
+    config(home, b"")
+    lines = startup(home, switched=False)
+    expected = ["control/rcpthosts: warning: absent: every recipient domain is accepted"
+                " (open relay)"]
+    if os.geteuid() == 0:
+        expected.insert(0, "warning: " + diagnose.ROOT_WARNING)
+    assert lines == expected
+    assert startup(home, switched=True) == expected[-1:]
+
+
+def test_serve_start_lines_home_missing(tmp_path):
+    assert startup(tmp_path / "none") == [
+        "error: cannot chdir to %s: No such file or directory (connections get 421 unable to"
+        " read controls (#4.3.0))" % (tmp_path / "none")]
+
+
+def test_serve_logs_each_start_line(home, monkeypatch, capfd):
+    (home / "control" / "rcpthosts").unlink()
+    config(home, b"")
+    diagnose.log_startup(os.fsencode(home), dict(os.environb), None, True)
+    err = capfd.readouterr().err
+    assert err == ("qspp: pid %d: serve: control/rcpthosts: warning: absent: every recipient"
+                   " domain is accepted (open relay)\n" % os.getpid())
+
+
+# --- usage and error texts ---------------------------------------------------
+
+def test_help_lists_every_command(capsys):
+    status, out, _ = run(capsys, "--help")
+    assert status == 0
+    k = out.index("commands:")
+    assert out[k + 1:k + 5] == [
+        "  serve        listen for SMTP clients: tcpserver and qmail-smtpd in one",
+        "  check        check the home as connections meet it, and the plugin config",
+        "  plugin-test  run one plugin entry once and explain its output",
+        "  version      print the version",
+    ]
+    status, out, err = run(capsys)
+    assert status == 2 and out == []
+    assert err.splitlines()[1:] == ["qspp: a command is required:"] + [
+        line for line in cli._commands().splitlines()]
+
+
+def test_plugin_test_usage_line(capsys):
+    status, out, _ = run(capsys, "plugin-test", "--help")
+    assert status == 0
+    assert out[0] == ("usage: qspp plugin-test [-h] [--qmailhome DIR] [--message FILE] PHASE"
+                      " ENTRY [NAME=value ...]")
+    status, out, _ = run(capsys, "check", "--help")
+    assert out[0] == ("usage: qspp check [-h] [--qmailhome DIR] [-x FILE.cdb]"
+                      " [--user NAME | -u UID [-g GID]] [--] [SMTPD-ARGS ...]")
+
+
+def test_plugin_test_qmailhome(home, capsys, tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    status, out, _ = ptest(capsys, "--qmailhome", str(other), "helo", ":pwd -P; echo N")
+    assert "cwd: %s" % other in out
+    assert '  %s: ignored (unknown command letter)' % os.path.realpath(other) in out
+
+
+@pytest.mark.parametrize("argv", [
+    ["check", "--qmailhome", "/nonexistent"],
+    ["check", "-x", "/nonexistent/rules.cdb"],
+    ["check", "--user", "nobody-at-all"],
+    ["check", "-u", "x"],
+    ["plugin-test", "body", ":true", "--message", "/nonexistent"],
+    ["plugin-test", "--qmailhome", "/nonexistent", "helo", ":true"],
+    ["plugin-test", "nophase", ":true"],
+    ["nonsense"],
+])
+def test_no_python_reprs_in_messages(home, capsys, argv):
+    status, out, err = run(capsys, *argv)
+    text = "\n".join(out) + err
+    for bad in ("b'", 'b"', "Errno", "Traceback", "'nonsense'", "('", "')"):
+        assert bad not in text, (bad, text)
+
+
+def test_os_error_text():
+    from qspp.show import os_error
+    e = PermissionError(13, "Permission denied", b"/nonexistent")
+    assert os_error(e) == "/nonexistent: Permission denied"
+    assert os_error(OSError(5, "Input/output error")) == "Input/output error"
+    assert os_error(e, b"/x\n") == "/x\\n: Permission denied"
+
+
+def test_main_turns_an_os_error_into_one_line(capsys, monkeypatch):
+    def boom(*a):
+        raise PermissionError(13, "Permission denied", b"/nonexistent")
+    monkeypatch.setattr(cli, "_check", boom)
+    status, out, err = run(capsys, "check")
+    assert (status, out, err) == (1, [], "qspp: /nonexistent: Permission denied\n")
