@@ -595,7 +595,13 @@ def startup_lines(home, env, rules=None, switched=False):
     try:
         home_checks(report, home, env, who, rules)
     finally:
-        os.fchdir(cwd)
+        try:
+            os.fchdir(cwd)
+        except OSError as e:
+            # the user switch took the right to enter it: a relative --rules
+            # path now means another file
+            report.add("warning", "cannot return to the directory serve started in: %s"
+                       % e.strerror)
         os.close(cwd)
     return report.lines(("error", "warning"))
 
