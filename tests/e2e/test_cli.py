@@ -257,3 +257,21 @@ def test_check_finds_the_home_serve_made(home, tmp_path):
         assert b"(embedded, qspp serve's own" in first
         assert p.returncode == 0, p.stdout
         assert p.stdout.endswith(b"\ncheck: 0 errors, 0 warnings, 0 notes\n")
+
+
+@pytest.mark.xfail(reason="the texts are in serve.py's main() and option types, which the"
+                   " serve branch owns: its embedded-home line prints str(OSError) and its"
+                   " option errors use %r", strict=False)
+@pytest.mark.parametrize("args, env", [
+    (["--port", "0"], {"HOME": "/etc/passwd/x"}),    # the embedded home cannot be made
+    (["--port", "abc"], {}),
+    (["--grace", "soon"], {}),
+])
+def test_serve_start_errors_have_no_python_reprs(tmp_path, args, env):
+    e = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(SRC)}
+    e.update(env)
+    p = subprocess.run([sys.executable, "-m", "qspp", "serve"] + args, env=e, cwd=str(tmp_path),
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=30)
+    assert p.returncode != 0
+    for bad in (b"b'", b"[Errno", b"Traceback", b"'abc'", b"'soon'"):
+        assert bad not in p.stderr, p.stderr
