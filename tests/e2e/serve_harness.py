@@ -57,6 +57,8 @@ class ServeServer:
             # would only show that serve drops them
             for k in ("TCPREMOTEIP", "TCPLOCALIP", "TCPREMOTEHOST"):
                 env.pop(k, None)
+        queue = getattr(self.home, "queue", None)
+        before = set(queue.iterdir()) if queue is not None else set()
         with open(self.err, "wb") as err:
             self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL,
                                          stdout=subprocess.DEVNULL, stderr=err, env=env,
@@ -74,9 +76,11 @@ class ServeServer:
         assert int(m.group(1)) == self.proc.pid
         self.port = int(m.group(2))
         # serve ran the queue program once at its start, as an aborted message
-        # (diagnose.probe_queue): that run is not one a test waits for
-        if hasattr(self.home, "started"):
-            self.home._taken |= self.home.started()
+        # (diagnose.probe_queue): that run is none of the test's, so its
+        # recorder files go (it has finished: serve waited for it)
+        if queue is not None:
+            for f in set(queue.iterdir()) - before:
+                f.unlink()
         return self
 
     def connect(self, greet=GREETING, timeout=5.0, source=None) -> Client:
