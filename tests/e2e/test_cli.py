@@ -275,3 +275,22 @@ def test_serve_start_errors_have_no_python_reprs(tmp_path, args, env):
     assert p.returncode != 0
     for bad in (b"b'", b"[Errno", b"Traceback", b"'abc'", b"'soon'"):
         assert bad not in p.stderr, p.stderr
+
+
+@pytest.mark.skipif(not ROOT, reason="the warning is about running as root")
+def test_check_as_root_without_a_user_switch(qhome):
+    """check as root with no --user judges for qmaild when it exists (qmail's
+    run files switch to it); with no qmaild, sessions would run as root: a warning."""
+    p = qspp(qhome, "check")
+    out = p.stdout.splitlines()
+    user = next(line for line in out if line.startswith(b"user: "))
+    try:
+        pwd.getpwnam("qmaild")
+    except KeyError:
+        assert user == b"user: root (uid 0, gid 0; this process, no user switch)"
+        assert (b"warning: running as root without a user switch: sessions, plugins and the"
+                b" queue program run as root (give --user NAME, or -u UID -g GID)") in out
+        assert out[-1].startswith(b"check: 0 errors, 1 warning, ")
+    else:
+        assert user.startswith(b"user: qmaild (")
+    assert p.returncode == 0
