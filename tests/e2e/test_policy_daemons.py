@@ -273,28 +273,26 @@ def policyd_spf(tmp_path):
         stop(proc)
 
 
-def test_policyd_spf_is_asked_and_its_verdicts_reach_the_message(home, smtpd, policyd_spf):
-    home.control("smtpplugins", "[rcpt]\npolicy:inet:127.0.0.1:%d\n" % policyd_spf)
-    # a localhost client: policyd-spf declines, and says so in a header
-    home.setenv(TCPREMOTEIP="127.0.0.1")
+def spf_header(home, smtpd, ip, helo, mail):
+    """The header policyd-spf had prepended to a message from IP after HELO."""
+    home.setenv(TCPREMOTEIP=ip)
     c = smtpd.connect()
-    c.send(b"HELO h.example\r\n")
+    c.send(b"HELO " + helo + b"\r\n")
     c.expect(b"250 mx.example.org")
-    run = c.txn(mail=b"MAIL FROM:<a@b.example>")
-    assert run.message.split(b"\n")[2] == (
-        b"X-Comment: SPF check N/A for local connections - client-ip=127.0.0.1;"
-        b" helo=h.example; envelope-from=a@b.example; receiver=example.org")
-    c.send(b"QUIT\r\n")
-    c.expect(b"221 mx.example.org")
-    # a null sender from an address-literal HELO: SPF's verdict None, without DNS
-    home.setenv(TCPREMOTEIP="192.0.2.7")
-    c = smtpd.connect()
-    c.send(b"HELO [192.0.2.7]\r\n")
-    c.expect(b"250 mx.example.org")
-    run = c.txn(mail=b"MAIL FROM:<>")
-    assert run.message.split(b"\n")[2] == (
-        b"Received-SPF: None (no SPF record) identity=helo; client-ip=192.0.2.7;"
-        b" helo=[192.0.2.7]; envelope-from=<>; receiver=example.org")
+    run = c.txn(mail=b"MAIL FROM:<" + mail + b">")
     c.send(b"QUIT\r\n")
     c.expect(b"221 mx.example.org")
     assert c.stderr() == b""
+    return run.message.split(b"\n")[2]
+
+
+def test_policyd_spf_is_asked_and_its_verdicts_reach_the_message(home, smtpd, policyd_spf):
+    home.control("smtpplugins", "[rcpt]\npolicy:inet:127.0.0.1:%d\n" % policyd_spf)
+    # a localhost client: policyd-spf declines, and says so in a header
+    assert spf_header(home, smtpd, "127.0.0.1", b"h.example", b"a@b.example") == (
+        b"X-Comment: SPF check N/A for local connections - client-ip=127.0.0.1;"
+        b" helo=h.example; envelope-from=a@b.example; receiver=example.org")
+    # a null sender from an address-literal HELO: SPF's verdict None, without DNS
+    assert spf_header(home, smtpd, "192.0.2.7", b"[192.0.2.7]", b"") == (
+        b"Received-SPF: None (no SPF record) identity=helo; client-ip=192.0.2.7;"
+        b" helo=[192.0.2.7]; envelope-from=<>; receiver=example.org")
