@@ -60,7 +60,7 @@ class SppEngine:
         self._final = 0  # where the refusal line starts in _text
         self._defer_if_permit = None  # (refuser, reply) from DEFER_IF_PERMIT
         self._defer_if_reject = None
-        # What policy requests report; kept whatever the config, it is cheap.
+        # What policy requests report beyond the environment (qspp.policy.Facts)
         self.esmtp = False
         self.tls = (b"", b"", 0)  # encryption_protocol, _cipher, _keysize
         self._txn_sender = None  # None: no transaction
@@ -104,6 +104,8 @@ class SppEngine:
         self.address = sender
         if self.on:
             self.env[b"SMTPMAILFROM"] = sender
+        if self._policies is None:
+            return self.run_section("mail")
         before = self._txn_instance, self._txn_size
         self._txn_instance = self._instance()
         self._txn_size = size
@@ -143,7 +145,7 @@ class SppEngine:
         if pending is not None:
             return pending
         outcome = self.run_section("data")
-        if outcome[0] != REFUSED and outcome[0] != CLOSE:
+        if self._policies is not None and outcome[0] != REFUSED and outcome[0] != CLOSE:
             # the spp reset right after 354 clears the counters [body] still reports
             self._message = (self._txn_sender or b"", self._txn_first, self.rcptcount,
                              self._txn_instance, self._txn_size)
