@@ -293,6 +293,54 @@ def test_serve_run_file_binds_as_root_and_drops_to_smtpuser():
         shutil.rmtree(base)
 
 
+# --- scripts/run-local ------------------------------------------------------------
+
+def test_run_local_starts_in_under_a_second_and_delivers(tmp_path):
+    # issue 11: it ran `pip install` into .venv on every start (seconds); now it
+    # runs the checkout's src with python3 and installs nothing
+    port = free_port()
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "QSPP_PORT": str(port),
+           "QSPP_MAILDIR": str(tmp_path / "Maildir")}
+    log = tmp_path / "log"
+    took = []
+    for attempt in range(2):
+        started = time.monotonic()
+        proc = subprocess.Popen([str(SCRIPTS / "run-local")], env=env, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=open(log, "wb"),
+                                start_new_session=True)
+        try:
+            sock = connect(port, proc, log)
+            took.append(time.monotonic() - started)
+            with sock:
+                f = sock.makefile("rwb")
+                assert f.readline() == b"220 localhost ESMTP\r\n"
+                f.write(b"HELO h\r\nMAIL FROM:<a@example.net>\r\nRCPT TO:<you@localhost>\r\n"
+                        b"DATA\r\nSubject: run-local %d\r\n\r\nhi\r\n.\r\nQUIT\r\n" % attempt)
+                f.flush()
+                replies = f.read()
+            assert re.fullmatch(rb"250 localhost\r\n250 ok\r\n250 ok\r\n354 go ahead\r\n"
+                                rb"250 ok \d+ qp \d+\r\n221 localhost\r\n", replies), replies
+        finally:
+            stop(proc)
+    text = log.read_bytes()
+    assert b"in the foreground (Ctrl-C stops it)" in text
+    assert b"pip" not in text and not (tmp_path / ".venv").exists()
+    assert len(os.listdir(tmp_path / "Maildir" / "new")) == 2
+    # the second start: nothing changed since the first
+    assert took[1] < 1.0, took
+
+
+def test_run_local_and_quick_start_need_no_sudo():
+    # a root-only Debian box has no sudo
+    assert "sudo" not in (SCRIPTS / "run-local").read_text()
+    readme = (REPO / "README.md").read_text()
+    quick = readme[readme.index("## Quick start"):]
+    quick = quick[:quick.index("\n## ", 1)]
+    assert "sudo apt-get" not in quick.replace("`sudo apt-get ...`", "")
+    assert "apt-get install -y ucspi-tcp swaks" in quick
+    assert "foreground" in quick and "Ctrl-C" in quick
+
+
 # --- systemd -------------------------------------------------------------------
 
 def unit(name):
