@@ -173,3 +173,17 @@ def test_pip_install_still_works(tmp_path):
     r = subprocess.run([str(venv / "bin/qspp-smtpd")], input=b"QUIT\r\n", capture_output=True,
                        timeout=60, cwd="/", env={"PATH": PATH, "QMAILHOME": str(home)})
     assert r.stdout == b"220 wheel.example ESMTP\r\n221 wheel.example\r\n"
+
+
+def test_build_dependencies_are_installed_by_ci_and_named_in_readme():
+    control = (REPO / "debian" / "control").read_text()
+    field = re.search(r"^Build-Depends:(.*?)^\S", control, re.M | re.S).group(1)
+    deps = {re.sub(r"\s*\(.*\)", "", d).strip() for d in field.split(",") if d.strip()}
+    deps = {"debhelper" if d == "debhelper-compat" else d for d in deps}
+    ci = set((REPO / ".ci" / "run").read_text().replace("\\\n", " ").split())
+    assert deps <= ci, deps - ci
+    readme = (REPO / "README.md").read_text()
+    line = next(x for x in readme.splitlines() if x.startswith("apt-get install -y debhelper"))
+    assert set(line.split()[3:]) == deps
+    build_deb = (REPO / "scripts" / "build-deb").read_text()
+    assert "apt-get install -y " + " ".join(line.split()[3:]) in build_deb
