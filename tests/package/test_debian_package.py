@@ -78,7 +78,7 @@ def test_contents(deb):
                        ("/usr/share/man/man8/qspp-smtpd.8.gz", "-rw-r--r--"),
                        ("/usr/share/man/man8/qspp-swap.8.gz", "-rw-r--r--"),
                        ("/usr/share/man/man5/qspp-smtpplugins.5.gz", "-rw-r--r--"),
-                       ("/usr/share/doc/qspp/migration.md", "-rw-r--r--")):
+                       ("/usr/share/doc/qspp/migration.md.gz", "-rw-r--r--")):
         assert files.get(path) == mode, path
     # the service directories as examples, still executable, uncompressed
     for kind in ("daemontools", "runit"):
@@ -91,6 +91,15 @@ def test_contents(deb):
     assert modules == {p.rsplit("/", 1)[1] for p in files
                        if p.startswith("/usr/lib/python3/dist-packages/qspp/") and
                        p.endswith(".py")}
+    # every path of qspp's that the man pages and README name is in the package
+    named = set()
+    for doc in list((REPO / "man").iterdir()) + [REPO / "README.md"]:
+        text = doc.read_text().replace("\\-", "-").replace("\\(bu", "")
+        named |= set(re.findall(r"(/(?:usr/(?:bin|sbin|libexec|share/doc|share/man)|lib/systemd)"
+                                r"/[\w./@-]*[\w/])", text))
+    assert "/usr/share/doc/qspp/migration.md.gz" in named
+    for path in (p for p in named if "qspp" in p):
+        assert path in files or path.rstrip("/") + "/" in files, path
     # nothing of qmail's, nothing outside Debian's own directories
     for path in files:
         assert not path.startswith(("/var/", "/etc/", "/usr/local/")), path
