@@ -5,7 +5,16 @@ three deferred-error queues, the header buffer, the recipient counters and the
 `A` flag.  Each hook returns `(verdict, text)`: text is what the client must be
 sent (P lines, then the E/R text, a queue text or a 451 line), CRLF included.
 The session sends it and acts on the verdict; the engine never writes output.
+
+`policy:` entries (Postfix SMTPD policy delegation) run in the same order as
+the plugins among which they stand; the engine also keeps the transaction
+facts their requests report (qspp.policy), which plugins get from the
+environment instead.
 """
+
+import posix
+
+from time import time_ns
 
 from . import replies
 from .diag import log
@@ -48,18 +57,46 @@ class SppEngine:
         self.address = b""
         self._phase = ""
         self._text = bytearray()
+        self._final = 0  # where the refusal line starts in _text
+        self._defer_if_permit = None  # (refuser, reply) from DEFER_IF_PERMIT
+        self._defer_if_reject = None
+        # What policy requests report beyond the environment (qspp.policy.Facts)
+        self.esmtp = False
+        self.tls = (b"", b"", 0)  # encryption_protocol, _cipher, _keysize
+        self._txn_sender = None  # None: no transaction
+        self._txn_first = b""  # the first accepted recipient
+        self._txn_instance = b""
+        self._txn_size = 0
+        self._message = None  # the transaction [body] judges, saved at DATA
+        self._seqno = 0
+        self._policies = None
+        self._servers = None
+        for entries in self.sections.values():
+            for entry in entries:
+                if entry[:7] == b"policy:":
+                    self._load_policies()
+                    break
+            if self._policies is not None:
+                break
 
     # -- hooks --------------------------------------------------------------
 
     def connection(self):
         return self.run_section("connection")
 
-    def helo(self, arg: bytes):
+    def helo(self, arg: bytes, ehlo=None):
+        """ehlo: True for EHLO, False for HELO, None when the caller cannot tell."""
         self.env[b"SMTPHELOHOST"] = arg
-        return self.run_section("helo")
+        if ehlo is not None:
+            self.esmtp = ehlo
+        outcome = self.run_section("helo")
+        if outcome[0] != REFUSED and outcome[0] != CLOSE:
+            self._txn_sender = None  # the session ends the transaction
+        return outcome
 
-    def mail(self, sender: bytes):
-        """Returns (verdict, text); `address` then holds the sender after C."""
+    def mail(self, sender: bytes, size: int = 0):
+        """Returns (verdict, text); `address` then holds the sender after C.
+        size: the MAIL SIZE= value, 0 when none (policy requests report it)."""
         pending = self._pending("mail")
         if pending is not None:
             return pending
@@ -67,7 +104,18 @@ class SppEngine:
         self.address = sender
         if self.on:
             self.env[b"SMTPMAILFROM"] = sender
-        return self.run_section("mail")
+        if self._policies is None:
+            return self.run_section("mail")
+        before = self._txn_instance, self._txn_size
+        self._txn_instance = self._instance()
+        self._txn_size = size
+        outcome = self.run_section("mail")
+        if outcome[0] == REFUSED or outcome[0] == CLOSE:
+            self._txn_instance, self._txn_size = before
+        else:
+            self._txn_sender = self.address
+            self._txn_first = b""
+        return outcome
 
     def rcpt(self, recipient: bytes, hostsok: bool):
         """Returns (verdict, text); `address` then holds the recipient after C."""
@@ -82,24 +130,37 @@ class SppEngine:
         self.address = recipient
         if self.on:
             env[b"SMTPRCPTTO"] = recipient
-        return self.run_section("rcpt")
+        # rcpthosts is enforced after the section: a DEFER_IF_* answer must know
+        return self.run_section("rcpt", qmail_refuses=not hostsok)
 
     def rcpt_accepted(self) -> None:
         # Δ9: refreshed at once, so [data] sees the accepted total
         self.rcptcount += 1
+        if self.rcptcount == 1:
+            self._txn_first = self.address
         self.env[b"SMTPRCPTCOUNT"] = b"%d" % self.rcptcount
 
     def data(self):
         pending = self._pending("data")
         if pending is not None:
             return pending
-        return self.run_section("data")
+        outcome = self.run_section("data")
+        if self._policies is not None and outcome[0] != REFUSED and outcome[0] != CLOSE:
+            # the spp reset right after 354 clears the counters [body] still reports
+            self._message = (self._txn_sender or b"", self._txn_first, self.rcptcount,
+                             self._txn_instance, self._txn_size)
+        return outcome
 
     def auth(self, user: bytes, method: bytes):
         """[auth] after the checkprogram accepted (spp.md §3.1); method lowercase."""
         self.env[b"SMTPAUTHUSER"] = user
         self.env[b"SMTPAUTHMETHOD"] = method
         return self.run_section("auth")
+
+    def tls_started(self, protocol: bytes, cipher: bytes, bits: int) -> None:
+        """STARTTLS succeeded: what policy requests report as encryption_*."""
+        self.tls = (protocol, cipher, bits)
+        self._txn_sender = None
 
     def wants_body(self) -> bool:
         """Decided at 354: spool the message for [body] plugins?"""
@@ -123,6 +184,8 @@ class SppEngine:
             q.text = b""
             q.shown = False
         self.rcptcount = self.rcptcountall = 0
+        self._txn_sender = None
+        self._txn_first = b""
 
     # -- internals ----------------------------------------------------------
 
@@ -134,9 +197,11 @@ class SppEngine:
         self.refuser = b"deferred L" + phase[:1].upper().encode()
         return REFUSED, q.text
 
-    def run_section(self, phase: str, stdin_fd=None):
+    def run_section(self, phase: str, stdin_fd=None, qmail_refuses=False):
         """Run one section's entries in order (spp.md §4.1); (verdict, text).
 
+        qmail_refuses: qmail's own check after the hook will refuse the command
+        unless an entry overrides (rcpthosts), which DEFER_IF_* answers weigh.
         The hooks above wrap it with their env exports and queue checks;
         `qspp plugin-test` calls it directly to explain one run."""
         entries = self.sections.get(phase)
@@ -144,8 +209,18 @@ class SppEngine:
             return CONTINUE, b""
         self._phase = phase
         self._text = bytearray()
+        self._defer_if_permit = self._defer_if_reject = None
         verdict = CONTINUE
+        policies = self._policies
         for entry in entries:
+            if policies is not None:
+                pe = policies.get(entry)
+                if pe is not None:
+                    v = self._run_policy(phase, entry, pe, stdin_fd)
+                    if v is None:
+                        continue
+                    verdict = v
+                    break
             result = self._runner(entry, self.env, self.timeout, stdin_fd, self._apply)
             term = result.terminator
             if result.failure is not None:
@@ -159,15 +234,143 @@ class SppEngine:
             if term is not None:
                 verdict = _TERMINATORS[term[:1]]
                 if term[:1] in b"ER":
+                    self._final = len(self._text)
                     self._text += term[1:] + b"\r\n"
                 elif term[:1] == b"A":
                     self.on = False
                 break
             if result.failure is not None:
                 verdict = REFUSED
+                self._final = len(self._text)
                 self._text += replies.spp_failure(entry, result.failure) + b"\r\n"
                 break
+        if self._defer_if_permit is not None or self._defer_if_reject is not None:
+            verdict = self._judge_deferrals(verdict, qmail_refuses)
         return verdict, bytes(self._text)
+
+    def _judge_deferrals(self, verdict, qmail_refuses):
+        """Postfix's DEFER_IF_PERMIT and DEFER_IF_REJECT, at the end of the
+        command's checks: the first of each kind counts."""
+        text = self._text
+        if verdict == REFUSED or (verdict == CONTINUE and qmail_refuses):
+            # a permanent refusal becomes the deferral; a temporary one stands
+            if self._defer_if_reject is not None and (
+                    verdict != REFUSED or text[self._final:self._final + 1] == b"5"):
+                if verdict == REFUSED:
+                    del text[self._final:]
+                self.refuser, line = self._defer_if_reject
+                text += line + b"\r\n"
+                return REFUSED
+            return verdict
+        if verdict != CLOSE and self._defer_if_permit is not None:
+            self.refuser, line = self._defer_if_permit
+            text += line + b"\r\n"
+            return REFUSED
+        return verdict
+
+    # -- policy entries ---------------------------------------------------------
+
+    def _load_policies(self) -> None:
+        from . import policy
+        from .sppconfig import policy_entry
+        self._policy = policy
+        self._policies = {}
+        for entries in self.sections.values():
+            for entry in entries:
+                pe = policy_entry(entry)
+                if pe is not None:
+                    self._policies[entry] = pe
+        self._servers = policy.Servers()
+
+    def _instance(self) -> bytes:
+        # Postfix's form: pid, arrival time, sequence number, in hex
+        self._seqno += 1
+        t = time_ns() // 1000
+        return b"%x.%x.%x.%x" % (posix.getpid(), t // 1000000, t % 1000000, self._seqno)
+
+    def _facts(self, phase, stdin_fd):
+        p = self._policy
+        f = p.Facts()
+        f.esmtp = self.esmtp
+        f.tls_protocol, f.tls_cipher, f.tls_bits = self.tls
+        if phase == "mail":
+            f.sender = self.address
+            f.instance, f.size = self._txn_instance, self._txn_size
+        elif phase == "rcpt" or phase == "data":
+            f.sender = self._txn_sender or b""
+            f.instance, f.size = self._txn_instance, self._txn_size
+            if phase == "rcpt":
+                f.recipient = self.address
+            else:
+                f.rcpt_count = self.rcptcount
+                f.recipient = self._txn_first if self.rcptcount == 1 else b""
+        elif phase == "body" and self._message is not None:
+            f.sender, first, f.rcpt_count, f.instance, f.size = self._message
+            f.recipient = first if f.rcpt_count == 1 else b""
+            if stdin_fd is not None:
+                try:
+                    f.size = posix.fstat(stdin_fd).st_size
+                except OSError:
+                    pass
+        return f
+
+    def _reply_name(self, phase) -> bytes:
+        """What Postfix puts in <...> when it refuses the command."""
+        env = self.env
+        if phase == "connection":
+            return (env.get(b"TCPREMOTEHOST") or b"unknown") + b"[" + env.get(
+                b"TCPREMOTEIP", b"") + b"]"
+        if phase == "helo":
+            return env.get(b"SMTPHELOHOST", b"")
+        if phase == "mail" or phase == "rcpt":
+            return self.address
+        if phase == "auth":
+            return env.get(b"SMTPAUTHUSER", b"")
+        return b"DATA" if phase == "data" else b"END-OF-MESSAGE"
+
+    def _run_policy(self, phase, entry, pe, stdin_fd):
+        """One policy entry; the verdict that ends the section, or None to go on."""
+        p = self._policy
+        state = p.STATES[phase]
+        if phase == "helo" and self.esmtp:
+            state = b"EHLO"
+        request = p.request(state, self.env, self._facts(phase, stdin_fd))
+        res = self._servers.ask(pe, request, self.timeout, phase, self._reply_name(phase))
+        d = res.decision
+        if res.failure is not None:
+            log(b"qmail-spp failure: [%s] %s: %s (%s)%s" % (
+                phase.encode(), entry, res.failure, res.detail,
+                b"" if d is None else b"; default=" + pe.default))
+        if self.journal is not None:
+            if res.failure is None:
+                label = d.word
+            else:
+                label = res.failure + (b"" if d is None else b":" + d.word)
+            self.journal.run(phase, entry, label, None, int(res.elapsed * 1000 + 0.5))
+        self.refuser = b"plugin " + entry
+        if d is None:
+            self._final = len(self._text)
+            self._text += replies.spp_failure(entry, res.failure) + b"\r\n"
+            return REFUSED
+        if d.note is not None:
+            log(b"policy " + entry + b": " + d.note)
+        kind = d.kind
+        if kind == p.CONTINUE:
+            return None
+        if kind == p.PREPEND:
+            self._apply(b"H" + d.text)
+            return None
+        if kind == p.DEFER_IF_PERMIT:
+            if self._defer_if_permit is None:
+                self._defer_if_permit = (self.refuser, d.text)
+            return None
+        if kind == p.DEFER_IF_REJECT:
+            if self._defer_if_reject is None:
+                self._defer_if_reject = (self.refuser, d.text)
+            return None
+        self._final = len(self._text)
+        self._text += d.text + b"\r\n"
+        return CLOSE if kind == p.CLOSE else REFUSED
 
     def _apply(self, line: bytes) -> None:
         """One non-terminating plugin line (spp.md §5.1), applied at once."""

@@ -158,7 +158,12 @@ def parse(data, path=DEFAULT_PATH):
             else:
                 notes.append((lineno, "warning", b"entry before the first header never runs: " + text))
             continue
-        if text[0] != 0x3A and (b" " in text or b"\t" in text):
+        if text[:7] == POLICY_PREFIX:
+            pe = policy_entry(text)
+            if pe.error is not None:
+                notes.append((lineno, "warning",
+                              b"unusable policy entry (" + pe.error + b"): " + text))
+        elif text[0] != 0x3A and (b" " in text or b"\t" in text):
             notes.append((lineno, "warning",
                           b"entry names a file containing a space or tab (arguments need ':'): " + text))
         lst = sections.get(current)
@@ -167,6 +172,92 @@ def parse(data, path=DEFAULT_PATH):
         else:
             lst.append(text)
     return Config(path, sections, notes)
+
+
+POLICY_PREFIX = b"policy:"
+
+
+class PolicyEntry:
+    """A `policy:` entry (Postfix SMTPD policy delegation, README "Plugins").
+
+    family: "inet" or "unix"; address: (host str, port int) or a path (bytes,
+    relative to QMAILHOME); timeout: whole seconds, or None for SPPTIMEOUT;
+    default: the action taken when the server fails (bytes), or None for the
+    plugin-failure 451; error: why the entry cannot be used, else None.
+    """
+
+    __slots__ = ("text", "family", "address", "timeout", "default", "error")
+
+    def __init__(self, text):
+        self.text = text
+        self.family = None
+        self.address = None
+        self.timeout = None
+        self.default = None
+        self.error = None
+
+    @property
+    def server(self):
+        """The endpoint as written (`inet:HOST:PORT`, `unix:PATH`): entries naming
+        the same one share a connection."""
+        return self.text[7:].split(None, 1)[0] if len(self.text) > 7 else b""
+
+    def __repr__(self):
+        return "PolicyEntry(%r, %r, %r, timeout=%r, default=%r, error=%r)" % (
+            self.text, self.family, self.address, self.timeout, self.default, self.error)
+
+
+def policy_entry(entry):
+    """The PolicyEntry for a `policy:` entry, None for any other entry.
+
+    `policy:inet:HOST:PORT` (HOST may be `[IPv6]`) or `policy:unix:PATH`, then
+    options after whitespace: `timeout=SECONDS`, and `default=ACTION`, which
+    takes the rest of the line (an action may hold spaces) so it comes last.
+    """
+    if entry[:7] != POLICY_PREFIX:
+        return None
+    pe = PolicyEntry(entry)
+    parts = entry[7:].split(None, 1)
+    endpoint = parts[0] if parts else b""
+    options = parts[1] if len(parts) > 1 else b""
+    if endpoint[:5] == b"inet:":
+        hostport = endpoint[5:]
+        colon = hostport.rfind(b":")
+        host, port = hostport[:colon], hostport[colon + 1:]
+        if host[:1] == b"[" and host[-1:] == b"]":
+            host = host[1:-1]
+        if colon <= 0 or not host:
+            pe.error = b"inet needs HOST:PORT"
+        elif not port.isdigit() or len(port) > 5 or not 0 < int(port) < 65536:
+            pe.error = b"bad port"
+        else:
+            try:
+                pe.address = (host.decode("ascii"), int(port))
+                pe.family = "inet"
+            except UnicodeDecodeError:
+                pe.error = b"bad host"
+    elif endpoint[:5] == b"unix:":
+        if len(endpoint) == 5:
+            pe.error = b"unix needs a PATH"
+        else:
+            pe.family = "unix"
+            pe.address = endpoint[5:]
+    else:
+        pe.error = b"needs inet:HOST:PORT or unix:PATH"
+    while options and pe.error is None:
+        if options[:8] == b"default=":
+            pe.default = options[8:]
+            if not pe.default:
+                pe.error = b"empty default="
+            break
+        split = options.split(None, 1)
+        word = split[0]
+        options = split[1] if len(split) > 1 else b""
+        if word[:8] == b"timeout=" and word[8:].isdigit() and len(word) <= 18:
+            pe.timeout = int(word[8:])
+        else:
+            pe.error = b"bad option " + word
+    return pe
 
 
 def entry_argv(entry):

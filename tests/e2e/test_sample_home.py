@@ -26,7 +26,7 @@ def sample_server(tmp_path):
     shutil.copytree(REPO / "samples" / "qmail", home,
                     ignore=shutil.ignore_patterns("Maildir"))
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(SRC),
-           "QMAILHOME": str(home), "QSPP_PYTHON": REAL_PYTHON}
+           "QMAILHOME": str(home)}
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

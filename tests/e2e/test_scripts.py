@@ -10,6 +10,7 @@ import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -137,16 +138,15 @@ def test_run_files_are_executable_sh():
 
 
 def test_runit_files_match_daemontools():
-    # the tcpserver run file is the same file for both; serve differs in the
-    # privilege-dropping tool only; the loggers are each system's own
+    # the tcpserver run file is the same file for both; serve differs in a
+    # comment only (it drops privileges itself); the loggers are each system's own
     dt, ru = SCRIPTS / "daemontools", SCRIPTS / "runit"
     assert (ru / "qspp-smtpd/run").read_bytes() == (dt / "qspp-smtpd/run").read_bytes()
     a = (dt / "qspp-serve/run").read_text().splitlines()
     b = (ru / "qspp-serve/run").read_text().splitlines()
     assert [(x, y) for x, y in zip(a, b) if x != y] == [
         ("# supervise runs this from the service directory.",
-         "# runsv runs this from the service directory (runit)."),
-        ('drop="setuidgid $SMTPUSER"', 'drop="chpst -u $SMTPUSER"')]
+         "# runsv runs this from the service directory (runit).")]
     assert len(a) == len(b)
     for svc in ("qspp-smtpd", "qspp-serve"):
         assert (dt / svc / "log/run").read_text().splitlines()[-1] == (
@@ -254,17 +254,91 @@ def test_serve_run_file(tmp_path):
     assert b"\ncheck: 0 errors, 0 warnings, 0 notes\n" in log.read_bytes()
 
 
-def test_serve_run_file_low_port_needs_privilege(tmp_path):
-    home = make_home(tmp_path)
-    svc = service(tmp_path, "qspp-serve", "daemontools", knobs(home, 25, SMTPUSER="qmaild"))
-    lowest = int(Path("/proc/sys/net/ipv4/ip_unprivileged_port_start").read_text())
-    if lowest <= 25:
-        pytest.skip("this kernel lets anyone bind port 25")
-    r = subprocess.run(["./run"], cwd=str(svc), capture_output=True, timeout=30,
-                       env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")})
-    assert r.returncode == 111
-    assert r.stdout == (b"qspp-serve: qmaild may not bind port 25 (ip_unprivileged_port_start"
-                        b" is %d); not starting\n" % lowest)
+def test_serve_run_files_say_serve_drops_privileges():
+    # issue 11: they said "qspp serve cannot drop privileges itself yet", but
+    # --user works: the run file now hands SMTPUSER to it
+    for kind in ("daemontools", "runit"):
+        text = (SCRIPTS / kind / "qspp-serve/run").read_text()
+        assert "cannot drop privileges" not in text
+        assert "setuidgid $SMTPUSER" not in text and "chpst -u $SMTPUSER" not in text
+        assert 'set -- "$@" --user "$SMTPUSER"' in text
+        assert "ip_unprivileged_port_start" not in text
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="switching users needs root")
+def test_serve_run_file_binds_as_root_and_drops_to_smtpuser():
+    import pwd
+    nobody = pwd.getpwnam("nobody")
+    # the session user must reach the home: pytest's tmp_path is root-only
+    base = Path(tempfile.mkdtemp(prefix="qspp-drop-"))
+    try:
+        base.chmod(0o755)
+        home = make_home(base)
+        port = free_port()
+        svc = service(base, "qspp-serve", "runit", knobs(
+            home, port, RULES="none", SMTPUSER="nobody", CHECK="no"))
+        log = base / "log"
+        proc = start(svc, log)
+        try:
+            greeting = session(connect(port, proc, log))
+            assert greeting[-1] == b"220 test.example ESMTP\r\n"
+            status = Path("/proc/%d/status" % proc.pid).read_text()
+            uids = re.search(r"^Uid:\s+(.*)$", status, re.M).group(1).split()
+            gids = re.search(r"^Gid:\s+(.*)$", status, re.M).group(1).split()
+            assert set(uids) == {str(nobody.pw_uid)}, status
+            assert set(gids) == {str(nobody.pw_gid)}, status
+        finally:
+            stop(proc)
+    finally:
+        shutil.rmtree(base)
+
+
+# --- scripts/run-local ------------------------------------------------------------
+
+def test_run_local_starts_in_under_a_second_and_delivers(tmp_path):
+    # issue 11: it ran `pip install` into .venv on every start (seconds); now it
+    # runs the checkout's src with python3 and installs nothing
+    port = free_port()
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "QSPP_PORT": str(port),
+           "QSPP_MAILDIR": str(tmp_path / "Maildir")}
+    log = tmp_path / "log"
+    took = []
+    for attempt in range(2):
+        started = time.monotonic()
+        proc = subprocess.Popen([str(SCRIPTS / "run-local")], env=env, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=open(log, "wb"),
+                                start_new_session=True)
+        try:
+            sock = connect(port, proc, log)
+            took.append(time.monotonic() - started)
+            with sock:
+                f = sock.makefile("rwb")
+                assert f.readline() == b"220 localhost ESMTP\r\n"
+                f.write(b"HELO h\r\nMAIL FROM:<a@example.net>\r\nRCPT TO:<you@localhost>\r\n"
+                        b"DATA\r\nSubject: run-local %d\r\n\r\nhi\r\n.\r\nQUIT\r\n" % attempt)
+                f.flush()
+                replies = f.read()
+            assert re.fullmatch(rb"250 localhost\r\n250 ok\r\n250 ok\r\n354 go ahead\r\n"
+                                rb"250 ok \d+ qp \d+\r\n221 localhost\r\n", replies), replies
+        finally:
+            stop(proc)
+    text = log.read_bytes()
+    assert b"in the foreground (Ctrl-C stops it)" in text
+    assert b"pip" not in text and not (tmp_path / ".venv").exists()
+    assert len(os.listdir(tmp_path / "Maildir" / "new")) == 2
+    # the second start: nothing changed since the first
+    assert took[1] < 1.0, took
+
+
+def test_run_local_and_quick_start_need_no_sudo():
+    # a root-only Debian box has no sudo
+    assert "sudo" not in (SCRIPTS / "run-local").read_text()
+    readme = (REPO / "README.md").read_text()
+    quick = readme[readme.index("## Quick start"):]
+    quick = quick[:quick.index("\n## ", 1)]
+    assert "sudo apt-get" not in quick.replace("`sudo apt-get ...`", "")
+    assert "apt-get install -y ucspi-tcp swaks" in quick
+    assert "foreground" in quick and "Ctrl-C" in quick
 
 
 # --- systemd -------------------------------------------------------------------
@@ -292,14 +366,14 @@ def test_systemd_units_key_lines():
     assert (sock["ListenStream"], sock["Accept"]) == ("0.0.0.0:25", "yes")
     svc = dict(unit("qspp-smtpd@.service")["Service"])
     assert svc["ExecStart"].split() == [
-        "/usr/bin/python3", "/usr/local/libexec/qspp-tcpenv", "-x", "/etc/tcp.smtp.cdb"]
+        "/usr/bin/python3", "/usr/libexec/qspp/qspp-tcpenv", "-x", "/etc/tcp.smtp.cdb"]
     assert (svc["StandardInput"], svc["StandardOutput"], svc["StandardError"]) == (
         "socket", "socket", "journal")
     assert (svc["User"], svc["Group"]) == ("qmaild", "nofiles")
     assert "NoNewPrivileges" not in svc  # qmail-queue is setuid
     serve = dict(unit("qspp-serve.service")["Service"])
     assert serve["ExecStart"].split() == [
-        "/usr/bin/python3", "-m", "qspp.cli", "serve", "--host", "0", "--port", "25",
+        "/usr/bin/qspp", "serve", "--host", "0", "--port", "25",
         "--concurrency", "20", "--rules", "/etc/tcp.smtp.cdb", "--qmailhome", "/var/qmail",
         "--log", "text"]
     assert (serve["User"], serve["AmbientCapabilities"], serve["KillMode"]) == (
@@ -322,12 +396,17 @@ def test_serve_unit_options_exist():
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
 def test_systemd_units_verify(tmp_path):
     # verify wants the ExecStart programs to exist: point them at this python
+    qspp = tmp_path / "qspp"
+    qspp.write_text("#!/bin/sh\n")
+    qspp.chmod(0o755)
+
+    def local(text):
+        return text.replace("/usr/bin/python3", PYTHON).replace("/usr/bin/qspp ", "%s " % qspp)
+
     for name in ("qspp-smtpd.socket", "qspp-serve.service"):
-        (tmp_path / name).write_text((UNITS / name).read_text().replace(
-            "/usr/bin/python3", PYTHON))
+        (tmp_path / name).write_text(local((UNITS / name).read_text()))
     # a template is verified through an instance
-    (tmp_path / "qspp-smtpd@.service").write_text(
-        (UNITS / "qspp-smtpd@.service").read_text().replace("/usr/bin/python3", PYTHON))
+    (tmp_path / "qspp-smtpd@.service").write_text(local((UNITS / "qspp-smtpd@.service").read_text()))
     shutil.copy(tmp_path / "qspp-smtpd@.service", tmp_path / "qspp-smtpd@1.service")
     r = subprocess.run(["systemd-analyze", "verify", "--man=no",
                         str(tmp_path / "qspp-smtpd.socket"),

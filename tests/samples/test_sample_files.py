@@ -5,6 +5,7 @@ import ast
 import os
 import shutil
 import stat
+import subprocess
 import sys
 
 import pytest
@@ -170,3 +171,40 @@ def test_installed_plugins_through_qspp_runner(tmp_path, monkeypatch, capfd):
             [], b"E554 5.7.1 Message content rejected by local policy")
     finally:
         os.close(fd)
+
+
+# ---------------------------------------------------------------- samples/qmail/bin/qmail-queue
+
+def run_sample_queue(queue, cwd, env):
+    """Run a qmail-queue as qspp does: message on fd 0, envelope on fd 1, cwd = home."""
+    read_env, write_env = os.pipe()
+    os.write(write_env, b"Fme@example.net\0Tyou@localhost\0\0")
+    os.close(write_env)
+    try:
+        return subprocess.run([str(queue)], input=b"Subject: q\n\nbody\n", stdout=read_env,
+                              stderr=subprocess.PIPE, cwd=str(cwd), env=env, timeout=60)
+    finally:
+        os.close(read_env)
+
+
+def test_sample_queue_needs_no_qspp_python(tmp_path):
+    # issue 11: it ran "${QSPP_PYTHON:-python3}" -m qspp.maildirqueue, so without
+    # QSPP_PYTHON (only scripts/run-local set it) a python3 that cannot import
+    # qspp gave every message "451 qq temporary problem"
+    env = {"PATH": "/usr/bin:/bin", "QSPP_MAILDIR": str(tmp_path / "Maildir")}
+    r = run_sample_queue(SAMPLES / "qmail" / "bin" / "qmail-queue", tmp_path, env)
+    assert (r.returncode, r.stderr) == (0, b"")
+    (name,) = os.listdir(tmp_path / "Maildir" / "new")
+    assert (tmp_path / "Maildir" / "new" / name).read_bytes() == (
+        b"Return-Path: <me@example.net>\nX-Envelope-To: <you@localhost>\nSubject: q\n\nbody\n")
+    assert "QSPP_PYTHON" not in (SAMPLES / "qmail" / "bin" / "qmail-queue").read_text()
+
+
+def test_sample_queue_copied_out_of_the_checkout_uses_the_installed_qspp(tmp_path):
+    # a copy of the sample home has no ../../../src: python3 must import qspp itself
+    home = tmp_path / "home"
+    shutil.copytree(SAMPLES / "qmail", home, ignore=shutil.ignore_patterns("Maildir"))
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO / "src")}
+    r = run_sample_queue(home / "bin" / "qmail-queue", home, env)
+    assert (r.returncode, r.stderr) == (0, b"")
+    assert len(os.listdir(home / "Maildir" / "new")) == 1
