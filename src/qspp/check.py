@@ -156,6 +156,14 @@ def cmd_check(args, environ, qmailhome=None, rules=None, who=None):
         _out("[%s]" % phase)
         for entry, lineno in mine:
             where = ("line %d: " % lineno) if lineno else ""
+            pe = sppconfig.policy_entry(entry)
+            if pe is not None:
+                _out("  %s%s -> policy server %s" % (where, _text(entry), _text(pe.server)))
+                # an unusable entry is already one of cfg.notes
+                if pe.error is None:
+                    found += [(lineno or 0, kind, text)
+                              for kind, text in _policy_problems(pe, entry, timeout)]
+                continue
             _out("  %s%s -> %s" % (where, _text(entry), _argv(sppconfig.entry_argv(entry))))
             if entry[:1] == b":":
                 shell_entries = True
@@ -174,6 +182,24 @@ def cmd_check(args, environ, qmailhome=None, rules=None, who=None):
         # in the `config:` line already.
         report.add(kind, text, path if lineno else None, lineno)
     return _finish(report)
+
+
+# A policy server that lets check wait longer is as good as down.
+POLICY_PROBE_SECONDS = 5
+
+
+def _policy_problems(pe, entry, timeout):
+    """Connect to a `policy:` entry's server once, as a session's first run does."""
+    from . import policy
+    failed = policy.probe(pe, min(timeout or POLICY_PROBE_SECONDS, POLICY_PROBE_SECONDS))
+    if failed is None:
+        return []
+    what, detail = failed
+    said = "%s: %s%s" % (_text(entry), _text(what), " (%s)" % _text(detail) if detail else "")
+    if pe.default is not None:
+        return [("warning", said + " (every run takes default=%s)" % _text(pe.default))]
+    from .replies import spp_failure
+    return [("error", said + " (every run fails: %s)" % _q(spp_failure(entry, what)))]
 
 
 def _finish(report):

@@ -241,6 +241,18 @@ def cmd_plugin_test(phase, entry, assignments, message, environ, qmailhome=None)
 
     cfg = sppconfig.Config(b"(plugin-test)", {phase: [entry]}, [])
     engine = spp.SppEngine(cfg, env, timeout, runner)
+    pe = sppconfig.policy_entry(entry)
+    asked = []
+    if pe is not None:
+        # the engine asks the server itself: keep its Result to explain it
+        servers = engine._servers
+        ask = servers.ask
+
+        def recording_ask(*args):
+            r = ask(*args)
+            asked.append(r)
+            return r
+        servers.ask = recording_ask
     try:
         # _run, not the public hooks: those set SMTPHELOHOST, SMTPMAILFROM,
         # the counters... from SMTP state this command does not have; here the
@@ -249,6 +261,17 @@ def cmd_plugin_test(phase, entry, assignments, message, environ, qmailhome=None)
     finally:
         if stdin_fd is not None:
             os.close(stdin_fd)
+        if pe is not None:
+            engine._servers.close()
+    if pe is not None:
+        _out("phase: %s" % phase)
+        _out("entry: %s" % _text(entry))
+        _out("server: %s" % _text(pe.server))
+        _out(_timeout_line(env, timeout) + (" (timeout=%d in the entry wins)" % pe.timeout
+                                            if pe.timeout is not None else ""))
+        if warning:
+            _out("warning: " + _text(warning))
+        return _policy_report(phase, asked[0], verdict, text)
     res = results[0]
 
     _out("phase: %s" % phase)
@@ -280,3 +303,32 @@ def cmd_plugin_test(phase, entry, assignments, message, environ, qmailhome=None)
     _out("time: %d ms" % res.elapsed_ms)
     _out(_client_line(verdict, text))
     return EXIT_FAIL if res.failure is not None else EXIT_OK
+
+
+def _policy_report(phase, res, verdict, text):
+    """The rest of plugin-test's listing for a `policy:` entry."""
+    from . import policy
+    if res.failure is not None:
+        _out("failure: %s%s" % (_text(res.failure), " (%s)" % _text(res.detail)
+                                if res.detail else ""))
+        if res.action is not None:
+            _out("default: %s (taken as the answer)" % _text(res.action))
+    else:
+        _out("answer: action=%s" % _text(res.action))
+    d = res.decision
+    if d is not None:
+        meaning = {
+            policy.CONTINUE: "continue",
+            policy.REFUSE: "refuse the command",
+            policy.CLOSE: "refuse and close the connection",
+            policy.DEFER_IF_PERMIT: "refuse at the end of the command's checks if they accept",
+            policy.DEFER_IF_REJECT: "answer 450 instead if the command's checks refuse it",
+            policy.PREPEND: "add header line " + _q(d.text),
+        }[d.kind]
+        _out("action: %s: %s" % (_text(d.word), meaning))
+        if d.note is not None:
+            _out("note: " + _text(d.note))
+    _out("verdict: " + _verdict_line(verdict, phase, None))
+    _out("time: %d ms" % int(res.elapsed * 1000 + 0.5))
+    _out(_client_line(verdict, text))
+    return EXIT_FAIL if res.failure is not None and res.action is None else EXIT_OK

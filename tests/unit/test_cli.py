@@ -1595,3 +1595,132 @@ def test_main_turns_an_os_error_into_one_line(capsys, monkeypatch):
     monkeypatch.setattr(cli, "_check", boom)
     status, out, err = run(capsys, "check")
     assert (status, out, err) == (1, [], "qspp: /nonexistent: Permission denied\n")
+
+
+# --- policy: entries in check and plugin-test ------------------------------------
+
+import socket  # noqa: E402
+import threading  # noqa: E402
+
+
+class PolicyServer:
+    """A one-connection Postfix policy server on 127.0.0.1 that answers every
+    request with ACTION; requests() returns what it was asked."""
+
+    def __init__(self, action):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(1)
+        self.port = self.sock.getsockname()[1]
+        self.action = action
+        self.asked = []
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def serve(self):
+        self.sock.settimeout(10)
+        try:
+            conn, _ = self.sock.accept()
+        except OSError:
+            return
+        with conn:
+            conn.settimeout(10)
+            buf = b""
+            while True:
+                try:
+                    data = conn.recv(4096)
+                except OSError:
+                    return
+                if not data:
+                    return
+                buf += data
+                while b"\n\n" in buf:
+                    req, buf = buf.split(b"\n\n", 1)
+                    self.asked.append(req)
+                    conn.sendall(b"action=" + self.action + b"\n\n")
+
+    def close(self):
+        self.sock.close()
+        self.thread.join(10)
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def test_check_policy_entries(home, capsys):
+    server = PolicyServer(b"DUNNO")
+    dead = free_port()
+    try:
+        config(home, b"[mail]\npolicy:inet:127.0.0.1:%d\npolicy:inet:127.0.0.1:%d\n"
+               b"policy:inet:127.0.0.1:%d default=DUNNO\n" % (server.port, dead, dead))
+        status, out, _ = run(capsys, "check")
+    finally:
+        server.close()
+    assert out[PRE:PRE + 5] == [
+        "config: control/smtpplugins",
+        "[mail]",
+        "  line 2: policy:inet:127.0.0.1:%d -> policy server inet:127.0.0.1:%d"
+        % (server.port, server.port),
+        "  line 3: policy:inet:127.0.0.1:%d -> policy server inet:127.0.0.1:%d" % (dead, dead),
+        "  line 4: policy:inet:127.0.0.1:%d default=DUNNO -> policy server inet:127.0.0.1:%d"
+        % (dead, dead),
+    ]
+    assert findings(out) == [
+        "control/smtpplugins:3: error: policy:inet:127.0.0.1:%d: can't connect (Connection"
+        ' refused) (every run fails: "451 qmail-spp failure: policy:inet:127.0.0.1:%d:'
+        ' can\'t connect (#4.3.0)")' % (dead, dead),
+        "control/smtpplugins:4: warning: policy:inet:127.0.0.1:%d default=DUNNO: can't connect"
+        " (Connection refused) (every run takes default=DUNNO)" % dead,
+        "check: 1 error, 1 warning, 0 notes"]
+    assert status == 1
+    # the probe connected and asked nothing
+    assert server.asked == []
+
+
+def test_plugin_test_policy_entry(home, capsys):
+    server = PolicyServer(b"REJECT not here")
+    try:
+        status, out, _ = ptest(capsys, "mail", "policy:inet:127.0.0.1:%d" % server.port,
+                               "SMTPMAILFROM=a@b.example")
+    finally:
+        server.close()
+    assert out == [
+        "phase: mail",
+        "entry: policy:inet:127.0.0.1:%d" % server.port,
+        "server: inet:127.0.0.1:%d" % server.port,
+        "SPPTIMEOUT: 60 s (default)",
+        "answer: action=REJECT not here",
+        "action: REJECT: refuse the command",
+        "verdict: refused (sender not accepted, previous transaction untouched)",
+        'client gets: "554 5.7.1 <>: Sender address rejected: not here\\r\\n"',
+    ]
+    assert status == 0
+    (request,) = server.asked
+    assert b"protocol_state=MAIL" in request.split(b"\n")
+
+
+def test_plugin_test_policy_entry_down(home, capsys):
+    dead = free_port()
+    status, out, err = ptest(capsys, "rcpt", "policy:inet:127.0.0.1:%d" % dead)
+    assert out[4:] == [
+        "failure: can't connect (Connection refused)",
+        "verdict: refused (recipient not added)",
+        "client gets: \"451 qmail-spp failure: policy:inet:127.0.0.1:%d: can't connect"
+        ' (#4.3.0)\\r\\n"' % dead,
+    ]
+    assert status == 1
+    status, out, err = ptest(capsys, "rcpt", "policy:inet:127.0.0.1:%d default=DUNNO" % dead)
+    assert out[4:] == [
+        "failure: can't connect (Connection refused)",
+        "default: DUNNO (taken as the answer)",
+        "action: DUNNO: continue",
+        "verdict: continue (rcpthosts check, then 250 ok); the next entry of the section would"
+        " run first",
+        "client gets: (qmail's normal reply)",
+    ]
+    assert status == 0
