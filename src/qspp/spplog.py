@@ -27,7 +27,8 @@ def _quote(value) -> str:
         return raw.decode("ascii")
     # quoted so a parser can split the line at spaces; \ and " escaped, and
     # control bytes too, so one connection stays one line for multilog/journald
-    text = _text(raw).replace("\\", "\\\\").replace('"', '\\"')
+    # (escaped before decoding, so an undecodable byte reads \xHH, not \\xHH)
+    text = _text(raw.replace(b"\\", b"\\\\").replace(b'"', b'\\"'))
     return '"%s"' % text.translate(_CONTROL)
 
 
