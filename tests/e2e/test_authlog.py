@@ -338,3 +338,13 @@ def test_fail2ban_filters_on_real_lines(home, smtpd, tmp_path):
         assert fail2ban_regex(config, log, "qspp-auth") == (3, ["127.0.0.2"] * 3), log
         assert fail2ban_regex(config, log, "qspp-rcpthosts") == (
             2, ["127.0.0.3", "127.0.0.4"]), log
+
+    # the jail example loads, with both jails on the log
+    shutil.copy(SAMPLES / "jail.d" / "qspp.conf", config / "jail.d" / "qspp.conf")
+    (config / "jail.d" / "qspp.local").write_text(
+        "[qspp-auth]\nlogpath = %s\n[qspp-rcpthosts]\nlogpath = %s\n" % (stamped, stamped))
+    p = subprocess.run([shutil.which("fail2ban-client"), "-c", str(config), "-d"],
+                       capture_output=True, timeout=60)
+    assert p.returncode == 0 and b"ERROR" not in p.stdout + p.stderr, p.stdout + p.stderr
+    for jail in (b"qspp-auth", b"qspp-rcpthosts"):
+        assert b"['set', '%s', 'addlogpath', '%s', 'head']" % (jail, bytes(stamped)) in p.stdout
