@@ -18,9 +18,11 @@ READ_SIZE = 131072
 def reason(err) -> bytes:
     """One line of the SSL library's text for `err`, no CR or LF."""
     if isinstance(err, ssl.SSLError):
-        # set_ciphers raises an SSLError made by Python, without .reason
+        # set_ciphers raises an SSLError made by Python, without .reason and
+        # with the text as its only argument
+        args = err.args
         text = getattr(err, "reason", None) or (
-            err.args[1] if len(err.args) > 1 else str(err))
+            args[1] if len(args) > 1 else args[0] if args else str(err))
         text = str(text).lower().replace("_", " ")
     elif isinstance(err, OSError) and err.strerror:
         text = err.strerror

@@ -170,6 +170,19 @@ def test_unreadable_servercert_is_logged_with_its_reason(home, smtpd, certs):  #
         b" Permission denied" % (c.pid(), os.geteuid())]
 
 
+def test_rejected_cipher_list_is_logged_with_its_reason(home, smtpd, certs):  # noqa: F811
+    home.control("servercert.pem", certs.pem)
+    home.setenv(TLSCIPHERS="NO-SUCH-CIPHER")
+    c = smtpd.connect()
+    assert c.cmd(b"STARTTLS") == (b"454 TLS unable to initialize ctx: no cipher can be selected."
+                                  b" (#4.3.0)\r\n")
+    assert c.cmd(b"QUIT") == QUIT221
+    assert c.stderr_lines() == [
+        b"qspp: pid %d: STARTTLS answered 454: cipher list from TLSCIPHERS or"
+        b" control/tlsserverciphers rejected (uid %d): no cipher can be selected."
+        % (c.pid(), os.geteuid())]
+
+
 # ---------------------------------------------------------------- issue 11: the lines
 
 def test_auth_and_tls_outcomes_in_the_summary(home, smtpd, certs):  # noqa: F811
