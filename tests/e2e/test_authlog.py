@@ -103,8 +103,7 @@ def test_forcetls_per_client_from_tcprules(home, rules_smtpd, certs):  # noqa: F
 
 def test_forcetls_with_smtplib_and_swaks(home, rules_smtpd, certs):  # noqa: F811
     tls_auth_home(home, certs)
-    server = rules_smtpd(RULES)
-    server.start()
+    server = rules_smtpd(RULES)   # started by the factory
 
     def client():
         return smtplib.SMTP("127.0.0.1", server.port, local_hostname="c", timeout=10,
