@@ -13,14 +13,17 @@ class AuthMode:
     host: the HOST argument (bytes) or None; checkargv: the checkpassword argv.
     mechanisms: the EHLO `AUTH` line's list, None when not offered (SMTPAUTH=-).
     required: MAIL needs a successful AUTH first (SMTPAUTH starting with `!`).
+    forcetls: AUTH only under TLS (FORCETLS set, not empty and not `0`), so no
+    password ever crosses the wire in cleartext.
     """
 
-    __slots__ = ("host", "checkargv", "mechanisms", "required")
+    __slots__ = ("host", "checkargv", "mechanisms", "required", "forcetls")
 
-    def __init__(self, host, checkargv, smtpauth=None):
+    def __init__(self, host, checkargv, smtpauth=None, forcetls=None):
         self.host = host
         self.checkargv = checkargv
         self.mechanisms, self.required = _smtpauth(smtpauth)
+        self.forcetls = bool(forcetls) and forcetls != b"0"
 
 
 def _smtpauth(value):

@@ -39,6 +39,8 @@ AUTH_CHILD_CRASHED = b"454 oops, problem with child and I can't auth (#4.3.0)"
 AUTH_CHILD_NOSTART = b"454 oops, child won't start and I can't auth (#4.3.0)"
 AUTH_NO_PIPE = b"454 oops, unable to open pipe and I can't auth (#4.3.0)"
 AUTH_WRITE_PIPE = b"454 oops, unable to write pipe and I can't auth (#4.3.0)"
+# FORCETLS (issue 10 #12): no netqmail text exists; RFC 4954's own for code 538
+AUTH_ENCRYPTION_REQUIRED = b"538 5.7.11 Encryption required for requested authentication mechanism"
 
 # STARTTLS (spec §8.7)
 TLS_READY = b"220 ready for tls"

@@ -175,7 +175,7 @@ class Session:
             mode = self.settings.auth
             if mode is not None:
                 lines.append(b"SIZE %d" % self.settings.databytes)
-                if mode.mechanisms is not None:
+                if mode.mechanisms is not None and (self.tls or not mode.forcetls):
                     lines.append(b"AUTH " + mode.mechanisms)
             for text in lines[:-1]:
                 self.reply(b"250-" + text)
@@ -340,7 +340,8 @@ class Session:
 
     def auth(self, arg: bytes) -> None:
         self.flush_soon = True
-        if self.settings.auth.mechanisms is None:
+        mode = self.settings.auth
+        if mode.mechanisms is None:
             self.reply(replies.AUTH_NOT_AVAILABLE)
             return
         if self.authenticated:
@@ -354,8 +355,13 @@ class Session:
             mechanism, initial = arg, b""
         else:
             mechanism, initial = arg[:space], arg[space:].lstrip(b" ")
-        from . import auth
         mechanism = mechanism.lower()
+        if mode.forcetls and not self.tls:
+            # refused before the exchange: no credential is sent in cleartext
+            self.reply(replies.AUTH_ENCRYPTION_REQUIRED)
+            self._trail("auth", mechanism, None, "encryption-required")
+            return
+        from . import auth
         if mechanism == b"login":
             exchange = auth.login(initial)
         elif mechanism == b"plain":
@@ -376,9 +382,11 @@ class Session:
         if line == b"*":
             self._exchange = None
             self.reply(replies.AUTH_CANCELED)
+            self._trail("auth", self._auth_method, None, "canceled")
         elif not line:
             self._exchange = None
             self.reply(replies.AUTH_MALFORMED)
+            self._trail("auth", self._auth_method, None, "malformed")
         else:
             self._auth_step(line)
 
@@ -392,6 +400,7 @@ class Session:
         except Malformed:
             self._exchange = None
             self.reply(replies.AUTH_MALFORMED)
+            self._trail("auth", self._auth_method, None, "malformed")
         else:
             self.reply(prompt, flush=True)
 
@@ -400,17 +409,25 @@ class Session:
         io = self.auth_io
         refusal = io.check(self.settings.auth.checkargv,
                            checkprogram_data(user, secret, challenge), self.env)
+        method = self._auth_method
         if refusal is not None:
             if refusal == replies.AUTH_FAILED:
+                # written with or without SPPLOG: fail2ban and audits need it always
+                from .spplog import auth_failed
+                auth_failed(self.settings.remoteip, method, user)
+                self._trail("auth", method, user, "failed")
                 io.delay()
+            else:
+                self._trail("auth", method, user, "error")
             self.reply(refusal)
             return
         env = self.env
-        outcome = self.engine.auth(user, self._auth_method)
+        outcome = self.engine.auth(user, method)
         if self._stopped(outcome):
             # Δ10: a refused user must not look authenticated to later plugins
             env.pop(b"SMTPAUTHUSER", None)
             env.pop(b"SMTPAUTHMETHOD", None)
+            self._trail("auth", method, user, "refused")
             return
         self.authenticated = True
         self.relay = b""
@@ -419,6 +436,7 @@ class Session:
         env[b"TCPREMOTEINFO"] = user
         env[b"RELAYCLIENT"] = b""
         self.reply(replies.AUTH_OK)
+        self._trail("auth", method, user, "ok")
 
     # -- STARTTLS (spec §8.7) -------------------------------------------------
 
@@ -436,12 +454,22 @@ class Session:
             raise Fatal(replies.CONTROLS, str(e))
         if refusal is not None:
             self.reply(refusal)
+            self._trail("tls", "unavailable", None, None, refusal)
             return
         self.reply(replies.TLS_READY)
         self.tls_request = context
 
-    def tls_started(self, cipher: bytes) -> None:
+    def tls_failed(self, why: bytes) -> None:
+        """The handshake failed: the 454 goes out in cleartext, then exit 1."""
+        self.tls_request = None
+        refusal = replies.tls_failed(why)
+        self.reply(refusal)
+        self._trail("tls", "failed", None, None, refusal)
+        self.close(1, "TLS handshake failed")
+
+    def tls_started(self, cipher: bytes, version=None) -> None:
         """The handshake succeeded: forget what the client said before (D8)."""
+        self._trail("tls", "ok", version, cipher, None)
         self.tls_request = None
         self.tls = True
         self.protocol = b"ESMTPS (" + cipher + b" encrypted)"

@@ -169,12 +169,10 @@ class Connection:
             channel.handshake()
         except (_Timeout, OSError) as e:
             why = b"timeout" if isinstance(e, _Timeout) else reason(e)
-            self.session.tls_request = None
-            self.session.reply(replies.tls_failed(why))
-            self.session.close(1, "TLS handshake failed")
+            self.session.tls_failed(why)
             return  # the 454 goes out in cleartext: no channel yet
         self.channel = channel
-        self.session.tls_started(channel.cipher)
+        self.session.tls_started(channel.cipher, channel.version)
 
     def _die(self, err: Fatal) -> int:
         """A fatal error the session did not catch itself: its reply, exit 1."""
@@ -244,7 +242,8 @@ def run(argv, environ) -> int:
         if note is not None:
             log(note)
         if checkargv is not None:
-            auth_mode = authmode.AuthMode(host, checkargv, environ.get(b"SMTPAUTH"))
+            auth_mode = authmode.AuthMode(host, checkargv, environ.get(b"SMTPAUTH"),
+                                          environ.get(b"FORCETLS"))
     env = dict(environ)
     # no child may inherit a descriptor qspp did not give it (spec §2.4)
     cloexec_inherited_fds()

@@ -1,9 +1,10 @@
 """SPPLOG: one stderr line per plugin run and a summary per connection (spp.md §6.5).
 
-Imported only when SPPLOG is set, so a normal connection pays nothing.  Lines
-keep the common `qspp: pid PID: ` prefix; the text after it is `key=value`
-pairs, or one JSON object with `SPPLOG=json`.  README.md ("Logs") documents
-the fields; names only ever get added, so admins' greps keep working.
+Imported when SPPLOG is set, and by a failed AUTH for its `auth-failed` line,
+so a normal connection pays nothing.  Lines keep the common `qspp: pid PID: `
+prefix; the text after it is `key=value` pairs, or one JSON object with
+`SPPLOG=json`.  README.md ("Logs") documents the fields; names only ever get
+added, so admins' greps keep working.
 """
 
 from .diag import log
@@ -26,12 +27,15 @@ def _quote(value) -> str:
         return raw.decode("ascii")
     # quoted so a parser can split the line at spaces; \ and " escaped, and
     # control bytes too, so one connection stays one line for multilog/journald
-    text = _text(raw).replace("\\", "\\\\").replace('"', '\\"')
+    # (escaped before decoding, so an undecodable byte reads \xHH, not \\xHH)
+    text = _text(raw.replace(b"\\", b"\\\\").replace(b'"', b'\\"'))
     return '"%s"' % text.translate(_CONTROL)
 
 
 _CONTROL = {c: "\\x%02x" % c for c in list(range(0x20)) + [0x7F]}
 _CONTROL.update({0x09: "\\t", 0x0A: "\\n", 0x0D: "\\r"})
+# C1 controls and the Unicode line separators: some readers end a line there
+_CONTROL.update({c: "\\u%04x" % c for c in list(range(0x80, 0xA0)) + [0x2028, 0x2029]})
 
 
 # The summary names at most this many transactions, recipients in each, and
@@ -40,6 +44,16 @@ _CONTROL.update({0x09: "\\t", 0x0A: "\\n", 0x0D: "\\r"})
 MAX_LISTED = 100
 
 _QUEUED = b"250 ok "
+
+
+def auth_failed(ip: bytes, mechanism: bytes, user: bytes) -> None:
+    """The line fail2ban reads for a `535`, written whether SPPLOG is set or not.
+
+    The address comes first and the client's words (the user) last, quoted
+    and escaped: no user name can put another `ip=` where a filter anchors.
+    """
+    log("auth-failed ip=%s mechanism=%s user=%s"
+        % (_quote(ip), _quote(mechanism), _quote(user)))
 
 
 def queue_id(reply: bytes):
@@ -63,6 +77,9 @@ class Journal:
         self.current = None
         self.runs = []          # (section, entry, verdict, ms) for the summary
         self.unlisted_runs = 0
+        self.auths = []         # (outcome, mechanism, user or None)
+        self.unlisted_auths = 0
+        self.tls_outcome = None  # (outcome, protocol, cipher, reason) of the last STARTTLS
 
     def _write(self, event: str, fields) -> None:
         if self.json:
@@ -103,6 +120,20 @@ class Journal:
             else:
                 self.current["rcpt"].append((recipient, _last_line(reply)[:3], by))
 
+    def auth(self, mechanism: bytes, user, outcome: str) -> None:
+        """An AUTH that got past the 503s: ok, failed, refused (an [auth]
+        plugin), error (a 454), malformed, canceled or encryption-required."""
+        if len(self.auths) >= MAX_LISTED:
+            self.unlisted_auths += 1
+        else:
+            self.auths.append((outcome, mechanism, user))
+
+    def tls(self, outcome: str, protocol, cipher, refusal) -> None:
+        """STARTTLS: ok (protocol, cipher), failed (handshake) or unavailable
+        (no usable certificate or context); refusal is the 454 sent then."""
+        self.tls_outcome = (outcome, protocol, cipher,
+                            None if refusal is None else refusal.rstrip(b"\r\n"))
+
     def message(self, size, reply: bytes, by: bytes) -> None:
         if self.current is not None:
             self.current["bytes"] = size
@@ -124,6 +155,19 @@ class Journal:
             fields.append(("runs", [{"section": p, "entry": e, "verdict": v, "ms": ms}
                                     for p, e, v, ms in self.runs]))
             fields.append(("more_runs", self.unlisted_runs))
+            # only for connections that used them, as mailN: older lines stay as they were
+            if self.tls_outcome is not None:
+                outcome, protocol, cipher, refusal = self.tls_outcome
+                tls = {"outcome": outcome}
+                if outcome == "ok":
+                    tls["protocol"], tls["cipher"] = protocol, cipher
+                else:
+                    tls["reason"] = refusal
+                fields.append(("tls", tls))
+            if self.auths or self.unlisted_auths:
+                fields.append(("auth", [{"mechanism": m, "user": u, "outcome": o}
+                                        for o, m, u in self.auths]))
+                fields.append(("more_auth", self.unlisted_auths))
         else:
             for n, t in enumerate(self.transactions, 1):
                 fields.append(("mail%d" % n, b"<" + t["from"] + b">"))
@@ -144,6 +188,19 @@ class Journal:
                 fields.append(("run%d" % n, b"%s,%s,%d,%s" % (p.encode(), _bytes(v), ms, e)))
             if self.unlisted_runs:
                 fields.append(("more_runs", self.unlisted_runs))
+            if self.tls_outcome is not None:
+                outcome, protocol, cipher, refusal = self.tls_outcome
+                fields.append(("tls", outcome))
+                if outcome == "ok":
+                    fields.append(("tls_protocol", "-" if protocol is None else protocol))
+                    fields.append(("tls_cipher", cipher))
+                else:
+                    fields.append(("tls_reason", refusal))
+            # outcome,mechanism,user: the user last, as it may hold commas
+            for n, (o, m, u) in enumerate(self.auths, 1):
+                fields.append(("auth%d" % n, b"%s,%s,%s" % (o.encode(), m, b"-" if u is None else u)))
+            if self.unlisted_auths:
+                fields.append(("more_auth", self.unlisted_auths))
         fields.append(("end", end))
         self._write("spp-summary", fields)
 

@@ -5,9 +5,11 @@ The channel runs OpenSSL on memory BIOs: qspp's fds 0 and 1 may be one socket
 or two pipes, and the I/O loop keeps its own per-I/O timeout either way.
 """
 
+import posix
 import ssl
 
 from . import control, replies
+from .diag import log
 
 CERTIFICATE = b"control/servercert.pem"
 READ_SIZE = 131072
@@ -16,9 +18,11 @@ READ_SIZE = 131072
 def reason(err) -> bytes:
     """One line of the SSL library's text for `err`, no CR or LF."""
     if isinstance(err, ssl.SSLError):
-        # set_ciphers raises an SSLError made by Python, without .reason
+        # set_ciphers raises an SSLError made by Python, without .reason and
+        # with the text as its only argument
+        args = err.args
         text = getattr(err, "reason", None) or (
-            err.args[1] if len(err.args) > 1 else str(err))
+            args[1] if len(args) > 1 else args[0] if args else str(err))
         text = str(text).lower().replace("_", " ")
     elif isinstance(err, OSError) and err.strerror:
         text = err.strerror
@@ -27,10 +31,18 @@ def reason(err) -> bytes:
     return " ".join(text.split()).encode("ascii", "replace")
 
 
+def _refused(what: bytes, why: bytes) -> None:
+    # The client only sees a 454 while EHLO keeps offering STARTTLS: the admin
+    # needs the cause on the server side (issue 10 #4), with the uid, as an
+    # unreadable key is mostly a file the session user may not read.
+    log(b"STARTTLS answered 454: %s (uid %d): %s" % (what, posix.geteuid(), why))
+
+
 def context(env):
     """(SSLContext, None), or (None, the 454 reply); raises ControlError.
 
     Checked in the spec's order: the cipher file, the certificate, the ciphers.
+    Every 454 also writes one stderr line with its reason.
     """
     ciphers = env.get(b"TLSCIPHERS")
     if ciphers is None:
@@ -39,16 +51,22 @@ def context(env):
     try:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     except (ssl.SSLError, OSError) as e:
-        return None, replies.tls_cannot_initialize(reason(e))
+        why = reason(e)
+        _refused(b"cannot make a TLS context", why)
+        return None, replies.tls_cannot_initialize(why)
     try:
         # an encrypted key must fail, not make OpenSSL prompt on a terminal
         ctx.load_cert_chain(CERTIFICATE, password=lambda: b"")
     except (ssl.SSLError, OSError) as e:
-        return None, replies.tls_missing_certificate(reason(e))
+        why = reason(e)
+        _refused(b"cannot load " + CERTIFICATE, why)
+        return None, replies.tls_missing_certificate(why)
     try:
         ctx.set_ciphers(ciphers.decode("ascii", "replace"))
     except (ssl.SSLError, ValueError) as e:
-        return None, replies.tls_cannot_initialize(reason(e))
+        why = reason(e)
+        _refused(b"cipher list from TLSCIPHERS or control/tlsserverciphers rejected", why)
+        return None, replies.tls_cannot_initialize(why)
     return ctx, None
 
 
@@ -92,6 +110,11 @@ class Channel:
     @property
     def cipher(self) -> bytes:
         return self._tls.cipher()[0].encode("ascii", "replace")
+
+    @property
+    def version(self) -> bytes:
+        """The protocol the handshake agreed on, e.g. `TLSv1.3`."""
+        return (self._tls.version() or "unknown").encode("ascii", "replace")
 
     def read(self) -> bytes:
         """Decrypted bytes; b"" when the client closed TLS or the connection."""

@@ -65,8 +65,10 @@ class FakeTlsIO:
 
 
 def harness(smtpauth=None, host=b"mx.example.org", tls=None, auth_outcome=None,
-            **kw):
-    s = settings(auth=AuthMode(host, CHECK, smtpauth), **kw.pop("settings", {}))
+            forcetls=None, **kw):
+    mode = AuthMode(host, CHECK, smtpauth) if forcetls is None else (
+        AuthMode(host, CHECK, smtpauth, forcetls))
+    s = settings(auth=mode, **kw.pop("settings", {}))
     h = Harness(settings_=s, start=False, **kw)
     h.auth = FakeAuthIO(auth_outcome)
     h.session.auth_io = h.auth
@@ -400,6 +402,188 @@ def test_tls_keeps_startup_relayclient_and_plugin_state():
     h.session.tls_started(b"C")
     assert h.env[b"RELAYCLIENT"] == b"" and h.env[b"X"] == b"1"
     assert h.cmds(b"MAIL FROM:<a@b>", b"RCPT TO:<x@far.away>") == b"250 ok\r\n250 ok\r\n"
+
+
+# -- FORCETLS (issue 10 #12): no AUTH in cleartext ------------------------------------
+
+ENC538 = b"538 5.7.11 Encryption required for requested authentication mechanism\r\n"
+EHLO_HEAD = b"250-mx.example.org\r\n250-PIPELINING\r\n250-8BITMIME\r\n"
+
+
+def test_encryption_required_reply_text():
+    assert replies.AUTH_ENCRYPTION_REQUIRED + b"\r\n" == ENC538
+
+
+@pytest.mark.parametrize("value", [b"1", b"yes", b"00", b" "])
+def test_forcetls_hides_auth_and_refuses_every_mechanism_before_tls(value):
+    h = harness(forcetls=value, tls=FakeTlsIO())
+    assert h.cmd(b"EHLO c") == (b"250-mx.example.org\r\n250-STARTTLS\r\n250-PIPELINING\r\n"
+                                b"250-8BITMIME\r\n250 SIZE 0\r\n")
+    for line in (b"AUTH PLAIN " + PLAIN_OK, b"AUTH LOGIN", b"auth login dXNlcg==",
+                 b"AUTH CRAM-MD5", b"AUTH XOAUTH2 abc", b"AUTH"):
+        assert h.cmd(line) == ENC538, line
+    # no exchange was started: the next line is a command, not a credential
+    assert h.cmd(b"AUTH LOGIN") == ENC538
+    assert h.cmd(b"dXNlcg==") == replies.UNIMPLEMENTED + b"\r\n"
+    assert h.auth.calls == [] and not h.session.authenticated
+    # the rest of the session is untouched: not required, so MAIL works, no relaying
+    assert h.cmds(b"MAIL FROM:<a@b>", b"RCPT TO:<x@far.away>") == (
+        b"250 ok\r\n" + replies.RCPTHOSTS + b"\r\n")
+
+
+@pytest.mark.parametrize("value", [None, b"", b"0"])
+def test_forcetls_unset_empty_or_zero_is_netqmail(value):
+    h = harness(forcetls=value, tls=FakeTlsIO())
+    assert h.session.settings.auth.forcetls is False
+    assert h.cmd(b"EHLO c") == (b"250-mx.example.org\r\n250-STARTTLS\r\n250-PIPELINING\r\n"
+                                b"250-8BITMIME\r\n250-SIZE 0\r\n250 AUTH LOGIN PLAIN CRAM-MD5\r\n")
+    assert h.cmd(b"AUTH PLAIN " + PLAIN_OK) == replies.AUTH_OK + b"\r\n"
+
+
+def test_forcetls_under_tls_is_as_today():
+    h = harness(forcetls=b"1", tls=FakeTlsIO())
+    assert h.cmd(b"STARTTLS") == b"220 ready for tls\r\n"
+    h.session.tls_started(b"TLS_AES_256_GCM_SHA384", b"TLSv1.3")
+    assert h.cmd(b"EHLO c") == EHLO_HEAD + b"250-SIZE 0\r\n250 AUTH LOGIN PLAIN CRAM-MD5\r\n"
+    assert h.cmd(b"AUTH LOGIN") == b"334 VXNlcm5hbWU6\r\n"
+    assert h.cmd(b64(b"user")) == b"334 UGFzc3dvcmQ6\r\n"
+    assert h.cmd(b64(b"secret")) == replies.AUTH_OK + b"\r\n"
+    assert h.cmds(b"MAIL FROM:<a@b>", b"RCPT TO:<x@far.away>") == b"250 ok\r\n250 ok\r\n"
+
+
+def test_forcetls_with_smtpauth_cram_and_required():
+    h = harness(smtpauth=b"!cram", forcetls=b"1", tls=FakeTlsIO())
+    assert h.cmd(b"EHLO c") == (b"250-mx.example.org\r\n250-STARTTLS\r\n250-PIPELINING\r\n"
+                                b"250-8BITMIME\r\n250 SIZE 0\r\n")
+    assert h.cmd(b"AUTH CRAM-MD5") == ENC538
+    assert h.cmd(b"MAIL FROM:<a@b>") == replies.AUTH_REQUIRED + b"\r\n"
+    h.cmd(b"STARTTLS")
+    h.session.tls_started(b"C", b"TLSv1.2")
+    assert h.cmd(b"EHLO c").endswith(b"250-SIZE 0\r\n250 AUTH CRAM-MD5\r\n")
+
+
+def test_forcetls_keeps_the_earlier_auth_refusals_first():
+    """The order of the deployed force-tls patch: not available, already
+    authenticated, in a transaction, then encryption required."""
+    h = harness(smtpauth=b"-", forcetls=b"1")
+    assert h.cmd(b"AUTH PLAIN " + PLAIN_OK) == replies.AUTH_NOT_AVAILABLE + b"\r\n"
+    h = harness(forcetls=b"1")
+    h.cmd(b"MAIL FROM:<a@b>")
+    assert h.cmd(b"AUTH PLAIN " + PLAIN_OK) == replies.AUTH_IN_TRANSACTION + b"\r\n"
+
+
+# -- what AUTH and STARTTLS leave in the logs (issue 11) ------------------------------
+
+def err_lines(capfd):
+    out, err = capfd.readouterr()
+    assert out == ""
+    prefix = "qspp: pid %d: " % __import__("os").getpid()
+    got = err.splitlines()
+    assert all(line.startswith(prefix) for line in got), got
+    return [line[len(prefix):] for line in got]
+
+
+def test_failed_auth_writes_one_line_without_spplog(capfd):
+    # nothing for a success, a malformed or canceled exchange, or checkprogram trouble
+    h = harness()
+    h.cmds(b"AUTH PLAIN x", b"AUTH LOGIN", b"*", b"AUTH PLAIN " + PLAIN_OK)
+    assert h.session.authenticated
+    h = harness(auth_outcome=replies.AUTH_CHILD_CRASHED)
+    assert h.cmd(b"AUTH PLAIN " + PLAIN_OK) == replies.AUTH_CHILD_CRASHED + b"\r\n"
+    assert err_lines(capfd) == []
+    # a 535: one line, SPPLOG or not
+    h = harness()
+    assert h.session.journal is None
+    assert h.cmd(b"AUTH PLAIN " + b64(b"\0user\0wrong")) == replies.AUTH_FAILED + b"\r\n"
+    assert h.auth.delays == 1
+    assert err_lines(capfd) == ["auth-failed ip=192.0.2.7 mechanism=plain user=user"]
+    assert h.cmd(b"AUTH LOGIN " + b64(b"bob@example.org")) == b"334 UGFzc3dvcmQ6\r\n"
+    h.cmd(b64(b"x"))
+    h.cmd(b"AUTH CRAM-MD5")
+    h.cmd(b64(b"carol 0123"))
+    assert err_lines(capfd) == ["auth-failed ip=192.0.2.7 mechanism=login user=bob@example.org",
+                                "auth-failed ip=192.0.2.7 mechanism=cram-md5 user=carol"]
+
+
+@pytest.mark.parametrize("user", [
+    b"x ip=1.2.3.4",
+    b"x\nqspp: pid 1: auth-failed ip=1.2.3.4 mechanism=plain user=y",
+    b"x\rauth-failed ip=1.2.3.4",
+    b"x\xc2\x85auth-failed ip=1.2.3.4",            # U+0085, NEL
+    b"x\xe2\x80\xa8auth-failed ip=1.2.3.4",        # U+2028
+    b'x" ip=1.2.3.4 "',
+])
+def test_a_hostile_user_name_cannot_forge_a_line_or_an_address(capfd, user):
+    h = harness()
+    h.cmd(b"AUTH PLAIN " + b64(b"\0" + user + b"\0wrong"))
+    (line,) = err_lines(capfd)
+    assert line.startswith('auth-failed ip=192.0.2.7 mechanism=plain user="x')
+    assert line.endswith('"')
+    head, _, quoted = line.partition(" user=")
+    assert " ip=" not in quoted.replace('\\"', "").split('"')[0]  # nothing unquoted
+    assert not any(c in line for c in "\r\n\x85\u2028")
+
+
+def journal_harness(**kw):
+    from qspp.spplog import Journal
+    h = harness(**kw)
+    h.session.journal = Journal(b"1")
+    return h
+
+
+def summary(h, capfd):
+    h.session.journal.summary(h.settings, h.session.helo_name, h.session.end)
+    return err_lines(capfd)[-1]
+
+
+def test_summary_lists_each_auth_outcome(capfd):
+    h = journal_harness(sections={"auth": [b":no"]},
+                        programs={b":no": lambda env: b"E554 not you\n"
+                                  if env[b"SMTPAUTHMETHOD"] == b"login" else b""})
+    h.cmds(b"AUTH PLAIN " + b64(b"\0user\0wrong"),       # failed
+           b"AUTH LOGIN", b"*",                            # canceled
+           b"AUTH PLAIN !!!!",                             # malformed
+           b"AUTH LOGIN " + b64(b"user"), b64(b"secret"))  # refused by [auth]
+    h.auth.outcome = replies.AUTH_CHILD_CRASHED
+    h.cmd(b"AUTH PLAIN " + PLAIN_OK)                       # error (454)
+    h.auth.outcome = None
+    h.cmd(b"AUTH PLAIN " + PLAIN_OK)                       # ok
+    h.cmd(b"QUIT")
+    assert summary(h, capfd) == (
+        "spp-summary ip=192.0.2.7 host=client.example.com helo=-"
+        " auth1=failed,plain,user auth2=canceled,login,- auth3=malformed,plain,-"
+        " auth4=refused,login,user auth5=error,plain,user auth6=ok,plain,user end=quit")
+
+
+def test_summary_tls_ok_and_encryption_required(capfd):
+    h = journal_harness(forcetls=b"1", tls=FakeTlsIO())
+    h.cmds(b"EHLO c", b"AUTH LOGIN")
+    h.cmd(b"STARTTLS")
+    h.session.tls_started(b"TLS_AES_256_GCM_SHA384", b"TLSv1.3")
+    h.cmd(b"AUTH PLAIN " + PLAIN_OK)
+    h.cmd(b"QUIT")
+    assert summary(h, capfd) == (
+        "spp-summary ip=192.0.2.7 host=client.example.com helo=-"
+        " tls=ok tls_protocol=TLSv1.3 tls_cipher=TLS_AES_256_GCM_SHA384"
+        " auth1=encryption-required,login,- auth2=ok,plain,user end=quit")
+
+
+def test_summary_tls_unavailable_then_failed(capfd):
+    refusal = replies.tls_missing_certificate(b"Permission denied")
+    h = journal_harness(tls=FakeTlsIO(refusal=refusal))
+    assert h.cmd(b"STARTTLS") == refusal + b"\r\n"
+    h.session.journal.summary(h.settings, None, "eof")
+    assert err_lines(capfd)[-1].endswith(
+        ' tls=unavailable tls_reason="454 TLS missing certificate: Permission denied (#4.3.0)"'
+        " end=eof")
+    h.session.tls_io = FakeTlsIO()
+    h.cmd(b"STARTTLS")
+    h.session.tls_failed(b"wrong version number")
+    assert h.take() == b"454 TLS connection failed: wrong version number (#4.3.0)\r\n"
+    assert h.session.state == CLOSED and h.session.exit_status == 1
+    assert summary(h, capfd).endswith(
+        ' tls=failed tls_reason="454 TLS connection failed: wrong version number (#4.3.0)"'
+        ' end="TLS handshake failed"')
 
 
 # -- argument reading (§2.1) ----------------------------------------------------------

@@ -153,3 +153,77 @@ def test_quote_escapes():
     assert spplog._quote(b'a "b" \\c') == '"a \\"b\\" \\\\c"'
     assert spplog._quote(b"") == '""'
     assert spplog._quote(7) == "7"
+
+
+# -- AUTH and TLS outcomes (issue 11) -------------------------------------------------
+
+def tls_and_auth(j):
+    j.tls("ok", b"TLSv1.3", b"TLS_AES_256_GCM_SHA384", None)
+    j.auth(b"login", b"bob", "failed")
+    j.auth(b"plain", b"bob, the admin", "ok")
+    j.auth(b"login", None, "canceled")
+
+
+def test_text_summary_with_tls_and_auth(capfd):
+    j = Journal(b"1")
+    j.mail(b"a@b", b"250 ok", b"qmail")
+    tls_and_auth(j)
+    j.summary(Settings, b"h", "quit")
+    assert lines(capfd) == [
+        "spp-summary ip=192.0.2.1 host=client.example helo=h"
+        " mail1=<a@b> rcpt1=- bytes1=- outcome1=- qp1=- by1=-"
+        " tls=ok tls_protocol=TLSv1.3 tls_cipher=TLS_AES_256_GCM_SHA384"
+        ' auth1=failed,login,bob auth2="ok,plain,bob, the admin" auth3=canceled,login,-'
+        " end=quit"]
+
+
+def test_json_summary_with_tls_and_auth(capfd):
+    j = Journal(b"json")
+    tls_and_auth(j)
+    j.summary(Settings, b"h", "quit")
+    (s,) = [json.loads(line) for line in lines(capfd)]
+    assert s["tls"] == {"outcome": "ok", "protocol": "TLSv1.3",
+                        "cipher": "TLS_AES_256_GCM_SHA384"}
+    assert s["auth"] == [{"mechanism": "login", "user": "bob", "outcome": "failed"},
+                         {"mechanism": "plain", "user": "bob, the admin", "outcome": "ok"},
+                         {"mechanism": "login", "user": None, "outcome": "canceled"}]
+    assert list(s) == ["event", "ip", "host", "helo", "transactions", "more_transactions",
+                       "runs", "more_runs", "tls", "auth", "more_auth", "end"]
+
+
+@pytest.mark.parametrize("mode", [b"text", b"json"])
+def test_tls_failure_reason(capfd, mode):
+    j = Journal(mode)
+    j.tls("failed", None, None, b"454 TLS connection failed: wrong version number (#4.3.0)\r\n")
+    j.summary(Settings, None, "TLS handshake failed")
+    (line,) = lines(capfd)
+    if mode == b"json":
+        assert json.loads(line)["tls"] == {
+            "outcome": "failed",
+            "reason": "454 TLS connection failed: wrong version number (#4.3.0)"}
+    else:
+        assert line.endswith(' tls=failed tls_reason="454 TLS connection failed: wrong version'
+                             ' number (#4.3.0)" end="TLS handshake failed"')
+
+
+@pytest.mark.parametrize("mode", [b"text", b"json"])
+def test_auth_attempts_capped(capfd, mode):
+    j = Journal(mode)
+    for n in range(MAX_LISTED + 3):
+        j.auth(b"plain", b"u%d" % n, "failed")
+    j.summary(Settings, None, "eof")
+    (line,) = lines(capfd)
+    if mode == b"json":
+        s = json.loads(line)
+        assert len(s["auth"]) == MAX_LISTED and s["more_auth"] == 3
+    else:
+        assert line.endswith(" auth%d=failed,plain,u%d more_auth=3 end=eof"
+                             % (MAX_LISTED, MAX_LISTED - 1))
+
+
+def test_auth_failed_line(capfd):
+    spplog.auth_failed(b"192.0.2.1", b"login", b"bob@example.org")
+    spplog.auth_failed(b"2001:db8::1", b"cram-md5", b"a b\n\x00\xff\xe2\x80\xa8")
+    assert lines(capfd) == [
+        "auth-failed ip=192.0.2.1 mechanism=login user=bob@example.org",
+        'auth-failed ip=2001:db8::1 mechanism=cram-md5 user="a b\\n\\x00\\xff\\u2028"']
