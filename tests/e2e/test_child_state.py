@@ -16,14 +16,15 @@ import pytest
 from .conftest import wait_for
 from .serve_harness import ServeServer
 
-# the dump a child makes of its exec environment and signal masks
-# (SigCgt is left out: the shell catches signals of its own)
-DUMP = "cat /proc/$$/environ >{out}.env; grep -E '^Sig(Ign|Blk):' /proc/$$/status >{out}.sig"
+# The dump a child makes of its exec environment and signal state.  The masks
+# are read by grep exec'd in the shell's place: the shell's own status would
+# show what it blocks while it waits for a child (dash blocks every signal).
+DUMP = "cat /proc/$$/environ >{out}.env; exec grep -E '^Sig(Ign|Blk):' /proc/self/status >{out}.sig"
 
 QUEUE = """#!/bin/sh
-{dump}
 cat >/dev/null
 cat <&1 >/dev/null
+{dump}
 """
 
 
