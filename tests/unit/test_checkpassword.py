@@ -94,7 +94,7 @@ def test_checkprogram_signal_state(prog, tmp_path):
 def test_checkprogram_found_on_path(tmp_path, monkeypatch):
     """A checkprogram named without `/` is looked up on PATH (qspp's own PATH, as
     execvp in the auth patch)."""
-    (tmp_path / "mycheck").write_text("#!/bin/sh\nexit 0\n")
+    (tmp_path / "mycheck").write_text("#!/bin/sh\ncat <&3 >/dev/null\nexit 0\n")
     (tmp_path / "mycheck").chmod(0o755)
     monkeypatch.setenv("PATH", str(tmp_path) + ":/usr/bin:/bin")
     assert checkpassword.check([b"mycheck"], b"u\0p\0\0", {}) is None
