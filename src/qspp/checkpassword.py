@@ -11,11 +11,11 @@ import time
 
 from . import replies
 from .diag import log
+from .spawn import spawn as _spawn, DUP2, OPEN
 
 FAILURE_DELAY = 5  # seconds before `535`, which slows down password guessing
 
 _NO_PROCESS = frozenset((errno.EAGAIN, errno.ENOMEM))
-_SIGPIPE = 13
 
 
 def check(argv, data: bytes, env):
@@ -36,13 +36,11 @@ def check(argv, data: bytes, env):
             moved = os.dup(rfd)
             os.close(rfd)
             rfd = moved
-        actions = [(os.POSIX_SPAWN_OPEN, 0, b"/dev/null", os.O_RDONLY, 0),
-                   (os.POSIX_SPAWN_DUP2, 2, 1),
-                   (os.POSIX_SPAWN_DUP2, rfd, 3)]
-        spawn = os.posix_spawn if b"/" in argv[0] else os.posix_spawnp
+        actions = [(OPEN, 0, b"/dev/null", os.O_RDONLY, 0), (DUP2, 2, 1), (DUP2, rfd, 3)]
         try:
-            pid = spawn(argv[0], argv, env, file_actions=actions,
-                        setsigmask=(), setsigdef=(_SIGPIPE,))
+            # every signal at its default, SIGPIPE too (§2.4), mask empty
+            pid = _spawn(argv[0], argv, env, actions, keep_sigpipe=False,
+                         search=b"/" not in argv[0])
         except OSError as e:
             if e.errno in _NO_PROCESS:
                 log("cannot start the checkprogram: %s" % (e.strerror,))

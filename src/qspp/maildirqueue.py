@@ -5,7 +5,10 @@ fd 1 (`F` sender `\\0`, `T` recipient `\\0` ..., `\\0`), exactly like qmail-queu
 Useful where no qmail is installed: qspp then works as a plain SMTP sink.
 
 Delivery: one file per message, whatever the number of recipients, written by the
-maildir protocol (tmp/ with a unique name, fsync, rename into new/).  The file is
+maildir protocol: tmp/ under a unique name, fsync, link() into new/, fsync of new/.
+link() never replaces a file, so a name already in new/ (a clock that stepped
+back, two hosts of one name sharing the Maildir) costs a retry, never a message.
+The file is
 
     Return-Path: <sender>
     X-Envelope-To: <recipient>          (one line per recipient, envelope order)
@@ -20,20 +23,31 @@ Maildir: $QSPP_MAILDIR, else ./Maildir (qspp runs the queue with cwd = its home)
 tmp/, new/ and cur/ are created when missing.
 
 Exit codes, as qmail-queue's: 0 delivered; 11 an address of 1003 bytes or more
-(qmail-queue's limit); 53 write error or disk full; 54 read error (including an
+(qmail-queue's limit); 31 an address holding CR or LF (see below); 53 write
+error, disk full or a failed fsync (of new/ too); 54 read error (including an
 envelope cut short, which is how qspp aborts a message); 61 the Maildir cannot be
 created or entered; 62 the file cannot be created or moved into new/; 81 any
 other failure; 91 malformed envelope.  Nothing is left in the Maildir on failure.
+
+An address may hold a bare CR: qmail-smtpd accepts one, and qspp passes it on
+byte for byte.  Written into Return-Path: or X-Envelope-To:, a CR or LF would end
+the header line and let the sender write headers of its choice (CR alone is a
+line end to many parsers, Python's email among them; NUL never reaches here, it
+ends the address).  No real address holds one, and an escaped form is a new
+syntax no reader knows, so the message is refused (31, qmail-queue's permanent
+"mail server permanently rejected message"): the client gets a clear 554 and
+nothing is written.
 """
 
 import errno
 import os
-import sys
 import time
 
 _CHUNK = 65536
 _ADDR = 1003
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO)
+_LINE_ENDS = (b"\r", b"\n", b"\0")
+_NAME_TRIES = 5
 
 
 class _Exit(Exception):
@@ -114,9 +128,17 @@ def read_envelope(fd):
 
 
 def _maildir_name(host):
+    """A name unique to this delivery: time.MusecPpidRrandom.host.
+
+    The maildir convention's time, microseconds and pid, plus 64 random bits, so
+    that neither a clock stepping back nor a pid reused on another host of the
+    same name (containers) can repeat a name.
+    """
     # The maildir convention forbids / and : in the host part.
     host = host.replace("/", "\\057").replace(":", "\\072")
-    return "%d.%d.%s" % (int(time.time()), os.getpid(), host)
+    now = time.time()
+    return "%d.M%dP%dR%s.%s" % (int(now), int(now % 1 * 1000000), os.getpid(),
+                               os.urandom(8).hex(), host)
 
 
 def _ensure_dirs(maildir):
@@ -131,7 +153,7 @@ def _ensure_dirs(maildir):
 
 def _create_tmp(maildir, host, mode=os.O_WRONLY):
     """Open a new file in tmp/; retry on a name clash, as the maildir spec says."""
-    for attempt in range(3):
+    for attempt in range(_NAME_TRIES):
         name = _maildir_name(host)
         path = maildir + "/tmp/" + name
         try:
@@ -144,11 +166,44 @@ def _create_tmp(maildir, host, mode=os.O_WRONLY):
     raise _Exit(62)
 
 
+def _link_new(maildir, tmp_path, host):
+    """Link the finished file into new/ under a name nobody holds; return the path.
+
+    EEXIST means another message has that name: take a fresh one, never replace.
+    """
+    for attempt in range(_NAME_TRIES):
+        path = maildir + "/new/" + _maildir_name(host)
+        try:
+            os.link(tmp_path, path)
+            return path
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise _Exit(53 if e.errno in _DISK_FULL else 62) from None
+    raise _Exit(62)
+
+
 def _fsync(fd):
     try:
         os.fsync(fd)
     except OSError:
         raise _Exit(53) from None
+
+
+def _fsync_dir(path):
+    """Make a link in `path` durable.  Only EINVAL (a filesystem that cannot fsync
+    a directory) is let pass: any other failure leaves the link's fate unknown."""
+    try:
+        dfd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        raise _Exit(53) from None
+    try:
+        os.fsync(dfd)
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise _Exit(53) from None
+    finally:
+        os.close(dfd)
 
 
 def deliver(msg_fd, env_fd, maildir):
@@ -169,6 +224,9 @@ def deliver(msg_fd, env_fd, maildir):
                 break
             _write_all(spool, chunk)
         sender, rcpts = read_envelope(env_fd)
+        for address in [sender] + rcpts:
+            if any(c in address for c in _LINE_ENDS):
+                raise _Exit(31)
 
         name, fd = _create_tmp(maildir, host)
         final_path = maildir + "/tmp/" + name
@@ -188,19 +246,17 @@ def deliver(msg_fd, env_fd, maildir):
         _fsync(fd)
         os.close(fd)
         fd = -1
+        new_path = _link_new(maildir, final_path, host)
         try:
-            os.rename(final_path, maildir + "/new/" + name)
-        except OSError:
-            raise _Exit(62) from None
-        final_path = None
-        try:
-            dfd = os.open(maildir + "/new", os.O_RDONLY)
+            _fsync_dir(maildir + "/new")
+        except _Exit:
+            # A temporary failure makes the client send the message again:
+            # the copy whose link may not last goes, so as not to deliver twice.
             try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-        except OSError:
-            pass  # the rename is done; some filesystems cannot fsync a directory
+                os.unlink(new_path)
+            except OSError:
+                pass
+            raise
         return 0
     finally:
         os.close(spool)

@@ -6,8 +6,8 @@ the pipe ends are created close-on-exec (posix.pipe does that), so only the two 
 copies reach the child.  This relies on fds 0 and 1 being open in qspp, which they
 always are (the client connection), so pipe() never hands out 0 or 1.
 
-SIGPIPE stays as qspp has it (ignored, §2.1): no signal reset is requested, and an
-ignored signal stays ignored across exec, as the queue has it under qmail.
+Signals as under qmail: SIGPIPE ignored, every other one at its default (SIGXFSZ,
+which Python ignores, included), mask empty (spawn.py).
 """
 
 import errno
@@ -15,6 +15,7 @@ import posix
 import time
 
 from . import replies
+from .spawn import spawn as _spawn, DUP2
 
 DEFAULT_PROGRAM = b"bin/qmail-queue"
 
@@ -121,8 +122,7 @@ class Queue:
                 _close(fd)
             raise QueueStartError(e) from None
         try:
-            pid = posix.posix_spawn(program, [program], env, file_actions=(
-                (posix.POSIX_SPAWN_DUP2, mr, 0), (posix.POSIX_SPAWN_DUP2, er, 1)))
+            pid = _spawn(program, [program], env, ((DUP2, mr, 0), (DUP2, er, 1)))
         except OSError as e:
             for fd in fds:
                 _close(fd)

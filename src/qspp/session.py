@@ -150,8 +150,12 @@ class Session:
         self.mail_seen = False
         self.sender = b""
         self.flagged = False
-        self.recipients = []
-        self.envelope_size = 0
+        self.rcpt_count = 0
+        # The envelope as qmail-queue will read it, built as MAIL and RCPTs are
+        # accepted: one byte per envelope byte, where a list of recipients cost
+        # about five (an object per address), so a 16 MiB envelope stays 16 MiB.
+        self.pending_envelope = bytearray()
+        self.envelope_size = 0  # bytes qmail-queue would read, final \0 included
 
     # -- verbs --------------------------------------------------------------
 
@@ -233,8 +237,10 @@ class Session:
         self.mail_seen = True
         self.sender = sender
         self.flagged = verdict != OVERRIDE and self.settings.badmailfrom.flags(sender)
-        # F sender \0, plus the final \0
-        self.envelope_size = len(sender) + 3
+        self.pending_envelope += b"F"
+        self.pending_envelope += sender
+        self.pending_envelope += b"\0"
+        self.envelope_size = len(self.pending_envelope) + 1  # and the final \0
         self.reply(replies.OK)
         self._trail("mail", sender, replies.OK, b"qmail")
 
@@ -269,7 +275,10 @@ class Session:
         self.envelope_size += len(recipient) + 2
         if self.envelope_size > MAX_ENVELOPE:
             raise Fatal(replies.OUT_OF_MEMORY, "envelope over 16 MiB")
-        self.recipients.append(recipient)
+        self.pending_envelope += b"T"
+        self.pending_envelope += recipient
+        self.pending_envelope += b"\0"
+        self.rcpt_count += 1
         self.engine.rcpt_accepted()
         self.reply(replies.OK)
         self._trail("rcpt", recipient, replies.OK,
@@ -279,7 +288,7 @@ class Session:
         if not self.mail_seen:
             self.reply(replies.MAIL_FIRST, flush=True)
             return
-        if not self.recipients:
+        if not self.rcpt_count:
             self.reply(replies.RCPT_FIRST, flush=True)
             return
         if self._stopped(self.engine.data(), "message"):
@@ -305,12 +314,13 @@ class Session:
         self.reader = MessageReader(self.settings.databytes)
         self.state = DATA
 
-    def _envelope(self) -> bytes:
-        parts = [b"F", self.sender, b"\0"]
-        for r in self.recipients:
-            parts += (b"T", r, b"\0")
-        parts.append(b"\0")
-        return b"".join(parts)
+    def _envelope(self) -> bytearray:
+        """The finished envelope; handed over, not copied (a copy would double
+        the peak for a 16 MiB envelope)."""
+        envelope = self.pending_envelope
+        envelope += b"\0"
+        self.pending_envelope = bytearray()
+        return envelope
 
     def _received(self) -> bytes:
         from .received import received
@@ -534,6 +544,7 @@ class Session:
                 queue, self.queue = self.queue, None
                 self._end(queue.finish(self.envelope), b"queue")
             self.reader = None
+            self.envelope = None  # up to 16 MiB: not kept until the next message
             if self.state == DATA:
                 self.state = COMMAND
         return used

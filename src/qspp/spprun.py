@@ -11,17 +11,12 @@ import posix
 import select
 import time
 
+from .spawn import spawn as _spawn, DUP2 as _DUP2, OPEN as _OPEN
+
 try:
-    import _signal
-    _SIGKILL = _signal.SIGKILL
-    # Python itself ignores SIGPIPE and SIGXFSZ, and tcpserver's parent may
-    # have ignored others; the plugin gets every signal at its default except
-    # SIGPIPE, whose SIG_IGN posix_spawn carries across exec as 0.42 did.
-    _SIGDEF = tuple(sorted(s for s in _signal.valid_signals()
-                           if s not in (_signal.SIGKILL, _signal.SIGSTOP, _signal.SIGPIPE)))
-except (ImportError, AttributeError):  # pragma: no cover - non-CPython
+    from _signal import SIGKILL as _SIGKILL
+except ImportError:  # pragma: no cover - non-CPython
     _SIGKILL = 9
-    _SIGDEF = tuple(s for s in range(1, 32) if s not in (9, 13, 19))
 
 # Failure texts, the WHAT of `451 qmail-spp failure: ENTRY: WHAT (#4.3.0)`.
 CANT_PIPE = b"can't pipe()"
@@ -42,15 +37,12 @@ _READ_SIZE = 65536
 _MAX_POLL_MS = 2000000000
 
 _pipe2 = posix.pipe2
-_posix_spawn = posix.posix_spawn
 _read = posix.read
 _close = posix.close
 _waitpid = posix.waitpid
 _monotonic = time.monotonic
 _poll = select.poll
 _POLLIN = select.POLLIN
-_OPEN = posix.POSIX_SPAWN_OPEN
-_DUP2 = posix.POSIX_SPAWN_DUP2
 _O_RDONLY = posix.O_RDONLY
 _O_CLOEXEC = posix.O_CLOEXEC
 _WNOHANG = posix.WNOHANG
@@ -201,9 +193,9 @@ def run_entry(entry, env, timeout, stdin_fd=None, on_line=None):
                 pass
             actions = [(_DUP2, stdin_fd, 0), (_DUP2, wfd, 1)]
         # glibc's posix_spawn (clone+vfork) reports exec errors as its result,
-        # so a missing or non-executable entry surfaces here as OSError.
-        pid = _posix_spawn(path, argv, env, file_actions=actions,
-                           setpgroup=0, setsigmask=(), setsigdef=_SIGDEF)
+        # so a missing or non-executable entry surfaces here as OSError.  Signals:
+        # SIGPIPE ignored, the rest default, mask empty (spp.md §4.2; spawn.py).
+        pid = _spawn(path, argv, env, actions, pgroup=True)
     except OSError as e:
         _close(rfd)
         res.failure = VFORK_FAILED if e.errno in (_errno.EAGAIN, _errno.ENOMEM) else CANT_EXECUTE

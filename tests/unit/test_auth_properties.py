@@ -564,7 +564,8 @@ CLIENT_SIDE = (b"TCPREMOTEINFO", b"RELAYCLIENT", b"SMTPAUTHUSER", b"SMTPAUTHMETH
 def tls_state(s):
     """What a fresh post-TLS connection must look like, and the server-side rest."""
     return dict(tls=s.tls, protocol=s.protocol, helo_name=s.helo_name,
-                mail_seen=s.mail_seen, sender=s.sender, recipients=list(s.recipients),
+                mail_seen=s.mail_seen, sender=s.sender, rcpt_count=s.rcpt_count,
+                pending_envelope=bytes(s.pending_envelope),
                 flagged=s.flagged, envelope_size=s.envelope_size,
                 authenticated=s.authenticated, relay=s.relay, remoteinfo=s.remoteinfo,
                 exchange=s._exchange is not None, tls_request=s.tls_request, state=s.state)

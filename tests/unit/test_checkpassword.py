@@ -47,7 +47,7 @@ def test_no_pipe_is_454(monkeypatch, prog):
 def test_no_process_is_454(monkeypatch, prog):
     def fail(*a, **kw):
         raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
-    monkeypatch.setattr(checkpassword.os, "posix_spawn", fail)
+    monkeypatch.setattr(checkpassword, "_spawn", fail)
     before = set(os.listdir("/proc/self/fd"))
     assert checkpassword.check(prog("exit 0\n"), b"x", {}) == replies.AUTH_CHILD_NOSTART
     assert set(os.listdir("/proc/self/fd")) == before  # both pipe ends closed
@@ -79,3 +79,23 @@ def test_fd3_is_the_pipe_even_when_pipe_returns_3(prog, tmp_path):
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, close_fds=True)
     assert p.stdout == b"None\n", p.stderr
     assert out.read_bytes() == b"u\0p\0\0"
+
+
+def test_checkprogram_signal_state(prog, tmp_path):
+    """Every signal at its default, SIGPIPE included (§2.4), mask empty: not
+    glibc's internal 32 and 33, which its posix_spawn leaves ignored."""
+    out = tmp_path / "sig"
+    argv = prog("cat <&3 >/dev/null\nexec grep -E '^Sig(Ign|Blk):' /proc/self/status >'%s'\n"
+                % out)
+    assert checkpassword.check(argv, b"u\0p\0\0", {}) is None
+    assert out.read_bytes() == b"SigBlk:\t0000000000000000\nSigIgn:\t0000000000000000\n"
+
+
+def test_checkprogram_found_on_path(tmp_path, monkeypatch):
+    """A checkprogram named without `/` is looked up on PATH (qspp's own PATH, as
+    execvp in the auth patch)."""
+    (tmp_path / "mycheck").write_text("#!/bin/sh\ncat <&3 >/dev/null\nexit 0\n")
+    (tmp_path / "mycheck").chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path) + ":/usr/bin:/bin")
+    assert checkpassword.check([b"mycheck"], b"u\0p\0\0", {}) is None
+    assert checkpassword.check([b"nonesuch-checkpw"], b"u\0p\0\0", {}) == replies.AUTH_FAILED

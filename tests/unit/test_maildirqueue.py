@@ -46,8 +46,8 @@ def test_delivers_byte_identical_with_headers(tmp_path, mq):
     md = tmp_path / "md"
     assert files(md / "tmp") == [] and files(md / "cur") == []
     [name] = files(md / "new")
-    t, pid, host = name.split(".", 2)
-    assert int(pid) == q.pid and t.isdigit() and host
+    t, unique, host = name.split(".", 2)
+    assert "P%d" % q.pid in unique and t.isdigit() and host
     assert (md / "new" / name).read_bytes() == (
         b"Return-Path: <a@b.c>\n"
         b"X-Envelope-To: <x@example.org>\n"
@@ -153,3 +153,115 @@ def test_read_envelope_errors(data, code):
     with pytest.raises(maildirqueue._Exit) as ei:
         parse(data)
     assert ei.value.code == code
+
+
+# Header injection, name clashes and directory fsync (issue 10, findings 5-7) ----
+
+def deliver_here(maildir, message, envelope):
+    """deliver() in this process (so tests can patch it); returns the exit code."""
+    mr, mw = os.pipe()
+    er, ew = os.pipe()
+    try:
+        os.write(mw, message)
+        os.close(mw)
+        mw = -1
+        os.write(ew, envelope)
+        os.close(ew)
+        ew = -1
+        try:
+            return maildirqueue.deliver(mr, er, os.fsencode(maildir).decode(
+                "utf-8", "surrogateescape"))
+        except maildirqueue._Exit as e:
+            return e.code
+    finally:
+        for fd in (mr, mw, er, ew):
+            if fd >= 0:
+                os.close(fd)
+
+
+@pytest.mark.parametrize("envelope", [
+    b"Fx\rX-Spam-Status: No\r@evil.example\0Tx@example.org\0\0",
+    b"Fa@b\0Tx@example.org\0Ty\rX-Spam-Status: No\r@example.org\0\0",
+    b"Fa@b\nX-Spam: no\0Tx@example.org\0\0",
+    b"Fa@b\0Tx@example.org\r\0\0",
+])
+def test_address_that_ends_a_header_line_is_refused(tmp_path, mq, envelope):
+    """qspp accepts `MAIL FROM:<x\\rX-Spam-Status: No\\r@evil.example>` as netqmail
+    does, but its own Maildir must never turn that into a header line: refused
+    with qmail-queue's permanent code 31, nothing written."""
+    q, reply = deliver(mq, [b"Subject: hi\n\nbody\n"], envelope)
+    assert os.WIFEXITED(q.status) and os.WEXITSTATUS(q.status) == 31
+    assert reply == b"554 mail server permanently rejected message (#5.3.0)"
+    md = tmp_path / "md"
+    assert files(md / "new") == [] and files(md / "tmp") == []
+
+
+def test_cr_address_is_not_a_header_to_a_mail_parser(tmp_path, mq):
+    """What a reader would have seen: no X-Spam-Status header in any delivery."""
+    import email
+    deliver(mq, [b"Subject: hi\n\nbody\n"],
+            b"Fx\rX-Spam-Status: No\r@evil.example\0Tx@example.org\0\0")
+    for name in files(tmp_path / "md" / "new"):
+        msg = email.message_from_bytes((tmp_path / "md" / "new" / name).read_bytes())
+        assert msg["X-Spam-Status"] is None
+
+
+def test_existing_message_is_never_replaced(tmp_path, monkeypatch):
+    """Same name twice (a clock that steps back, two hosts of one name sharing the
+    Maildir): the message already in new/ stays, the new one gets another name."""
+    md = tmp_path / "md"
+    for sub in ("", "tmp", "new", "cur"):
+        (md / sub).mkdir()
+    (md / "new" / "1000.1.host").write_bytes(b"older message")
+    names = iter(["1000.1.host"] * 3 + ["1000.%d.host" % i for i in range(2, 50)])
+    monkeypatch.setattr(maildirqueue, "_maildir_name", lambda host: next(names))
+    monkeypatch.setattr(maildirqueue.time, "sleep", lambda s: None)
+    assert deliver_here(md, b"newer\n", b"Fa@b\0Tc@d\0\0") == 0
+    assert (md / "new" / "1000.1.host").read_bytes() == b"older message"
+    new = files(md / "new")
+    assert len(new) == 2 and files(md / "tmp") == []
+    [other] = [n for n in new if n != "1000.1.host"]
+    assert (md / "new" / other).read_bytes() == (
+        b"Return-Path: <a@b>\nX-Envelope-To: <c@d>\nnewer\n")
+
+
+def test_names_follow_the_maildir_convention(tmp_path):
+    md = tmp_path / "md"
+    for _ in range(3):
+        assert deliver_here(md, b"x\n", b"Fa@b\0Tc@d\0\0") == 0
+    new = files(md / "new")
+    assert len(new) == 3
+    for name in new:
+        t, unique, host = name.split(".", 2)
+        assert t.isdigit() and unique.startswith("M") and "P%d" % os.getpid() in unique
+        assert host and "/" not in host and ":" not in host
+
+
+def _fsync_failing_on_directories(err):
+    import stat
+    real = os.fsync
+
+    def fsync(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(err, os.strerror(err))
+        return real(fd)
+    return fsync
+
+
+def test_failed_directory_fsync_is_a_temporary_failure(tmp_path, monkeypatch):
+    """EIO on the fsync of new/ after the link: the client must not get 250."""
+    import errno
+    md = tmp_path / "md"
+    monkeypatch.setattr(maildirqueue.os, "fsync", _fsync_failing_on_directories(errno.EIO))
+    assert deliver_here(md, b"x\n", b"Fa@b\0Tc@d\0\0") == 53
+    # a temporary failure makes the client send it again: no second copy stays
+    assert files(md / "new") == [] and files(md / "tmp") == []
+
+
+def test_directory_fsync_unsupported_is_ignored(tmp_path, monkeypatch):
+    """A filesystem that cannot fsync a directory (EINVAL) is not an error."""
+    import errno
+    md = tmp_path / "md"
+    monkeypatch.setattr(maildirqueue.os, "fsync", _fsync_failing_on_directories(errno.EINVAL))
+    assert deliver_here(md, b"x\n", b"Fa@b\0Tc@d\0\0") == 0
+    assert len(files(md / "new")) == 1 and files(md / "tmp") == []

@@ -430,7 +430,8 @@ def drive(h, stream, sizes):
         pos += n
         assert len(s.out) == 0
         assert s.envelope_size <= ENVELOPE_CAP
-        assert len(s.recipients) <= ENVELOPE_CAP // 2
+        assert s.rcpt_count <= ENVELOPE_CAP // 2
+        assert len(s.pending_envelope) < ENVELOPE_CAP
         if s.state == DATA:
             # only the unjudged head of a line (or one CR) is carried; all else went on
             assert len(s.reader._carry) <= 9

@@ -1,0 +1,91 @@
+"""qspp.spawn: a child with netqmail's signal state, errors as os.posix_spawn's."""
+
+import errno
+import os
+import signal
+
+import pytest
+
+from qspp import spawn
+
+PIPE_BIT = 1 << (signal.SIGPIPE - 1)
+INTERNAL = (1 << 31) | (1 << 32)  # glibc's signals 32 and 33
+
+
+def masks(keep_sigpipe=True, pgroup=False):
+    r, w = os.pipe()
+    try:
+        pid = spawn.spawn(b"/bin/grep", [b"grep", b"-E", b"^Sig(Ign|Blk):", b"/proc/self/status"],
+                          {b"PATH": b"/usr/bin:/bin"}, ((spawn.DUP2, w, 1),),
+                          pgroup=pgroup, keep_sigpipe=keep_sigpipe)
+    finally:
+        os.close(w)
+    with os.fdopen(r, "rb") as f:
+        out = f.read()
+    _, status = os.waitpid(pid, 0)
+    assert status == 0
+    return {line.split(b":")[0]: int(line.split()[1], 16) for line in out.splitlines()}
+
+
+@pytest.fixture(params=["libc", "fallback"])
+def mode(request, monkeypatch):
+    if request.param == "fallback":
+        monkeypatch.setattr(spawn, "_libc", False)
+    elif not spawn._load():
+        pytest.skip("no C library posix_spawn through _ctypes here")
+    return request.param
+
+
+def test_signal_state(mode):
+    old = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+    try:
+        kept = masks()
+        none = masks(keep_sigpipe=False)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        signal.signal(signal.SIGHUP, old)
+    # os.posix_spawn cannot name glibc's own signals: the fallback leaves them
+    slack = INTERNAL if mode == "fallback" else 0
+    assert kept[b"SigBlk"] == none[b"SigBlk"] == 0
+    assert kept[b"SigIgn"] & ~slack == PIPE_BIT
+    assert none[b"SigIgn"] & ~slack == 0
+
+
+def test_libc_path_resets_internal_signals():
+    if not spawn._load():
+        pytest.skip("no C library posix_spawn through _ctypes here")
+    assert masks()[b"SigIgn"] == PIPE_BIT
+
+
+def test_process_group(mode):
+    pid = spawn.spawn(b"/bin/sleep", [b"sleep", b"5"], {}, pgroup=True)
+    try:
+        assert os.getpgid(pid) == pid
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+
+
+def test_open_action_and_exit_status(mode, tmp_path):
+    p = tmp_path / "in"
+    p.write_bytes(b"abc")
+    pid = spawn.spawn(b"/bin/sh", [b"sh", b"-c", b'test "$(cat)" = abc'], {},
+                      ((spawn.OPEN, 0, os.fsencode(p), os.O_RDONLY, 0),))
+    assert os.waitpid(pid, 0)[1] == 0
+
+
+def test_errors_as_posix_spawn(mode, tmp_path):
+    with pytest.raises(OSError) as ei:
+        spawn.spawn(os.fsencode(tmp_path / "none"), [b"none"], {})
+    assert ei.value.errno == errno.ENOENT
+    for env in ({b"A=B": b"1"}, {b"": b"1"}, {b"A": b"x\0y"}):
+        with pytest.raises(ValueError):
+            spawn.spawn(b"/bin/true", [b"true"], env)
+    with pytest.raises(ValueError):
+        spawn.spawn(b"/bin/true", [b"tr\0ue"], {})
+
+
+def test_search_on_path(mode):
+    pid = spawn.spawn(b"true", [b"true"], {}, search=True)
+    assert os.waitpid(pid, 0)[1] == 0
