@@ -11,6 +11,7 @@ which the session turns into `421 unable to read controls (#4.3.0)`.
 
 import posix
 import sys
+from time import time as _time
 
 from qspp.cdb import Cdb
 
@@ -49,28 +50,64 @@ def _open(path) -> "int | None":
         raise ControlError(path, e.errno) from None
 
 
+# What _read returned for a regular file, reused while the file is unchanged.
+# A process that serves many connections (a `qspp serve` worker, or a parent
+# that reads the files before it forks) then pays one stat per file instead of
+# open, read and close; a process that serves one connection pays one fstat.
+# qmail reads control files at every connection, so a change must show from
+# the next one: the key is the file's identity and its change time, and a file
+# changed less than _SETTLED seconds before it was read is never reused, so a
+# second change within one tick of a coarse clock cannot hide behind an equal
+# ctime.  Any later change, chmod included, sets ctime past the stored one.
+_cache: "dict[tuple, tuple]" = {}
+_SETTLED = 2.0
+_S_IFMT = 0o170000
+_S_IFREG = 0o100000
+
+
+def _signature(st) -> tuple:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
 def _read(path, first_line: bool) -> "bytes | None":
+    key = (path, first_line)
+    hit = _cache.get(key)
+    if hit is not None:
+        try:
+            if _signature(posix.stat(path)) == hit[0]:
+                return hit[1]
+        except OSError:
+            pass
+        del _cache[key]
     fd = _open(path)
     if fd is None:
         return None
     try:
-        chunks = []
-        while True:
-            chunk = posix.read(fd, _CHUNK)
-            if not chunk:
-                return b"".join(chunks)
-            if first_line:
-                # qmail reads only up to the first LF; stopping there keeps a
-                # read error further into the file from mattering, as there.
-                lf = chunk.find(b"\n")
-                if lf >= 0:
-                    chunks.append(chunk[:lf])
-                    return b"".join(chunks)
-            chunks.append(chunk)
+        data = _read_fd(fd, first_line)
+        st = posix.fstat(fd)
     except OSError as e:
         raise ControlError(path, e.errno) from None
     finally:
         posix.close(fd)
+    if st.st_mode & _S_IFMT == _S_IFREG and _time() - st.st_ctime > _SETTLED:
+        _cache[key] = (_signature(st), data)
+    return data
+
+
+def _read_fd(fd: int, first_line: bool) -> bytes:
+    chunks = []
+    while True:
+        chunk = posix.read(fd, _CHUNK)
+        if not chunk:
+            return b"".join(chunks)
+        if first_line:
+            # qmail reads only up to the first LF; stopping there keeps a
+            # read error further into the file from mattering, as there.
+            lf = chunk.find(b"\n")
+            if lf >= 0:
+                chunks.append(chunk[:lf])
+                return b"".join(chunks)
+        chunks.append(chunk)
 
 
 def read_line(path) -> "bytes | None":

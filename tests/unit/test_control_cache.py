@@ -1,0 +1,161 @@
+"""The control-file cache: a process serving many connections reads each
+unchanged file once, and a change shows from the next connection (qmail reads
+control files at every connection)."""
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from qspp import control
+from qspp.control import ControlError, read_line, read_list
+
+as_root = os.geteuid() == 0
+SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                   "src")
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "control").mkdir()
+    monkeypatch.setattr(control, "_cache", {})
+    return tmp_path
+
+
+@pytest.fixture
+def settled(monkeypatch):
+    """Every file looks older than _SETTLED, as on a server that runs for a while."""
+    monkeypatch.setattr(control, "_time", lambda: time.time() + 3600)
+
+
+@pytest.fixture
+def opens(monkeypatch):
+    calls = []
+    real = control._open
+
+    def counting(path):
+        calls.append(path)
+        return real(path)
+    monkeypatch.setattr(control, "_open", counting)
+    return calls
+
+
+def put(name, data):
+    with open(name, "wb") as f:
+        f.write(data)
+
+
+def next_tick():
+    # past the coarse clock that stamps ctime (a jiffy, at most 10 ms)
+    time.sleep(0.03)
+
+
+def test_unchanged_file_is_read_once(home, settled, opens):
+    put("control/me", b"mx.example.org\n")
+    assert read_line(b"control/me") == b"mx.example.org"
+    assert read_line(b"control/me") == b"mx.example.org"
+    assert read_line(b"control/me") == b"mx.example.org"
+    assert opens == [b"control/me"]
+
+
+def test_same_size_rewrite_shows_at_the_next_read(home, settled):
+    put("control/me", b"aaaa.example\n")
+    assert read_line(b"control/me") == b"aaaa.example"
+    next_tick()
+    put("control/me", b"bbbb.example\n")
+    assert read_line(b"control/me") == b"bbbb.example"
+
+
+def test_freshly_changed_file_is_not_reused(home, opens):
+    # written just now: a second change within the same clock tick would keep
+    # size, mtime and ctime, so the content is not trusted until it settles
+    put("control/rcpthosts", b"example.org\n")
+    assert read_list(b"control/rcpthosts") == [b"example.org"]
+    assert read_list(b"control/rcpthosts") == [b"example.org"]
+    assert opens == [b"control/rcpthosts", b"control/rcpthosts"]
+
+
+def test_rename_into_place_and_removal(home, settled):
+    put("control/rcpthosts", b"a.example\n")
+    assert read_list(b"control/rcpthosts") == [b"a.example"]
+    put("control/rcpthosts.new", b"b.example\n")
+    os.rename("control/rcpthosts.new", "control/rcpthosts")
+    assert read_list(b"control/rcpthosts") == [b"b.example"]
+    os.unlink("control/rcpthosts")
+    assert read_list(b"control/rcpthosts") is None
+
+
+@pytest.mark.skipif(as_root, reason="root reads a mode 000 file")
+def test_unreadable_after_caching_is_an_error(home, settled):
+    put("control/me", b"mx.example.org\n")
+    assert read_line(b"control/me") == b"mx.example.org"
+    next_tick()
+    os.chmod("control/me", 0)
+    with pytest.raises(ControlError):
+        read_line(b"control/me")
+
+
+def test_fifo_is_never_cached(home, settled, opens):
+    os.mkfifo("control/me")
+    assert read_line(b"control/me") == b""
+    assert read_line(b"control/me") == b""
+    assert len(opens) == 2
+
+
+def test_line_and_list_reads_are_kept_apart(home, settled):
+    put("control/x", b"one\ntwo\n")
+    assert read_line(b"control/x") == b"one"
+    assert read_list(b"control/x") == [b"one", b"two"]
+
+
+DRIVER = textwrap.dedent("""
+    import os, socket, sys, time
+    sys.path.insert(0, sys.argv[1])
+    from qspp import control, smtpd
+    control._time = lambda: time.time() + 3600  # a long-running server
+    os.environ.clear()
+    env = {b"QMAILHOME": sys.argv[2].encode(), b"TCPREMOTEIP": b"127.0.0.1",
+           b"TCPLOCALIP": b"127.0.0.1", b"PATH": b"/usr/bin:/bin"}
+    saved = os.dup(1)
+    null = os.open("/dev/null", os.O_RDWR)
+    for name in sys.argv[3:]:
+        with open(os.path.join(sys.argv[2], "control", "me"), "w") as f:
+            f.write(name + "\\n")
+        time.sleep(0.03)
+        client, server = socket.socketpair()
+        client.sendall(b"QUIT\\r\\n")
+        os.dup2(server.fileno(), 0)
+        os.dup2(server.fileno(), 1)
+        server.close()
+        status = smtpd.run([], env)
+        os.dup2(null, 0)
+        os.dup2(null, 1)
+        client.shutdown(socket.SHUT_WR)
+        got = b""
+        while True:
+            chunk = client.recv(4096)
+            if not chunk:
+                break
+            got += chunk
+        os.write(saved, b"%d %r\\n" % (status, got))
+""")
+
+
+def test_one_process_many_connections_sees_each_change(tmp_path):
+    """What a worker serving several connections does: control/me rewritten
+    (same size) between connections changes the very next greeting."""
+    home = tmp_path / "home"
+    (home / "control").mkdir(parents=True)
+    (home / "control" / "rcpthosts").write_bytes(b"example.org\n")
+    (home / "control" / "smtpplugins").write_bytes(b"")
+    names = ["aaaa.example", "aaaa.example", "bbbb.example", "cccc.example", "cccc.example"]
+    out = subprocess.run([sys.executable, "-c", DRIVER, SRC, str(home)] + names,
+                         capture_output=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.decode().splitlines()
+    assert lines == ["0 %r" % (b"220 %s ESMTP\r\n221 %s\r\n" % (n.encode(), n.encode()))
+                     for n in names]
