@@ -166,7 +166,7 @@ class Session:
         self._helo(arg, ehlo=True)
 
     def _helo(self, arg: bytes, ehlo: bool) -> None:
-        if self._stopped(self.engine.helo(arg)):
+        if self._stopped(self.engine.helo(arg, ehlo=ehlo)):
             return
         self.helo_name = arg
         self._close_transaction()
@@ -228,7 +228,7 @@ class Session:
             self.reply(replies.DATABYTES)
             self._trail("mail", sender, replies.DATABYTES, b"qmail")
             return
-        outcome = self.engine.mail(sender)
+        outcome = self.engine.mail(sender, _mail_size(arg))
         if self._stopped(outcome, "mail", sender):
             return
         verdict = outcome[0]
@@ -330,21 +330,8 @@ class Session:
 
     def _size_too_big(self, arg: bytes) -> bool:
         """The SIZE= parameter of MAIL in AUTH mode (spec §8.6)."""
-        if arg.find(b">") < 5 or not self.settings.databytes:
-            return False
-        for word in arg.split(b" ")[1:]:
-            if word[:5].lower() == b"size=":
-                digits = 0
-                for c in word[5:]:
-                    if not 48 <= c <= 57:
-                        break
-                    digits += 1
-                value = word[5:5 + digits].lstrip(b"0")
-                # a value of more than 10 digits exceeds any databytes (< 2**32),
-                # and int() refuses very long digit strings
-                if len(value) > 10 or int(value or b"0") > self.settings.databytes:
-                    return True
-        return False
+        databytes = self.settings.databytes
+        return bool(databytes) and _mail_size(arg) > databytes
 
     # -- AUTH (spec §8) -------------------------------------------------------
 
@@ -477,8 +464,9 @@ class Session:
         self._trail("tls", "failed", None, None, refusal)
         self.close(1, "TLS handshake failed")
 
-    def tls_started(self, cipher: bytes, version=None) -> None:
+    def tls_started(self, cipher: bytes, version=None, bits: int = 0) -> None:
         """The handshake succeeded: forget what the client said before (D8)."""
+        self.engine.tls_started(version or b"", cipher, bits)
         self._trail("tls", "ok", version, cipher, None)
         self.tls_request = None
         self.tls = True
@@ -587,3 +575,21 @@ class Session:
         if self.spool is not None:
             self.spool.close()
             self.spool = None
+
+
+def _mail_size(arg: bytes) -> int:
+    """MAIL's SIZE= value, 0 when absent; more than 10 digits counts as 2**40,
+    beyond any databytes (< 2**32), since int() refuses very long digit strings."""
+    if arg.find(b">") < 5:
+        return 0
+    size = 0
+    for word in arg.split(b" ")[1:]:
+        if word[:5].lower() == b"size=":
+            digits = 0
+            for c in word[5:]:
+                if not 48 <= c <= 57:
+                    break
+                digits += 1
+            value = word[5:5 + digits].lstrip(b"0")
+            size = max(size, 1 << 40 if len(value) > 10 else int(value or b"0"))
+    return size

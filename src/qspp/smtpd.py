@@ -172,7 +172,7 @@ class Connection:
             self.session.tls_failed(why)
             return  # the 454 goes out in cleartext: no channel yet
         self.channel = channel
-        self.session.tls_started(channel.cipher, channel.version)
+        self.session.tls_started(channel.cipher, channel.version, channel.bits)
 
     def _die(self, err: Fatal) -> int:
         """A fatal error the session did not catch itself: its reply, exit 1."""

@@ -112,6 +112,11 @@ class Channel:
         return self._tls.cipher()[0].encode("ascii", "replace")
 
     @property
+    def bits(self) -> int:
+        """The cipher's secret bits, policy servers' encryption_keysize."""
+        return self._tls.cipher()[2] or 0
+
+    @property
     def version(self) -> bytes:
         """The protocol the handshake agreed on, e.g. `TLSv1.3`."""
         return (self._tls.version() or "unknown").encode("ascii", "replace")

@@ -14,6 +14,8 @@ import time
 
 import pytest
 
+from .test_starttls import certs, starttls  # noqa: F401 (certs is a fixture)
+
 HANG = object()  # an answer: keep the connection, never answer
 CLOSE = object()  # an answer: close the connection without answering
 
@@ -168,6 +170,29 @@ def test_every_section_asks_with_postfix_attributes_over_one_connection(
     # at the end of the message: its size as qmail-queue gets it
     assert a[5]["size"] == str(len(run.M))
     assert c.stderr() == b""
+
+
+def test_ehlo_size_and_tls_reach_the_request(home, smtpd, policy_server, certs):
+    srv = policy_server("DUNNO")
+    plugins(home, "[helo]\npolicy:%s\n[mail]\npolicy:%s\n" % (srv.endpoint, srv.endpoint))
+    home.control("servercert.pem", certs.pem)
+    c = smtpd.connect()
+    c.send(b"EHLO h\r\n")
+    c.reply()
+    c.send(b"MAIL FROM:<a@b.example> SIZE=1234\r\n")
+    c.expect(b"250 ok")
+    cipher = starttls(c)
+    c.send(b"EHLO t\r\n")
+    c.reply()
+    c.send(b"MAIL FROM:<a@b.example>\r\n")
+    c.expect(b"250 ok")
+    a = [attrs for _, attrs in srv.requests]
+    assert [x["protocol_state"] for x in a] == ["EHLO", "MAIL", "EHLO", "MAIL"]
+    assert [x["protocol_name"] for x in a] == ["ESMTP"] * 4
+    assert [x["size"] for x in a] == ["0", "1234", "0", "0"]
+    assert [x["encryption_cipher"] for x in a] == ["", "", cipher, cipher]
+    assert a[3]["encryption_protocol"].startswith("TLSv1.")
+    assert int(a[3]["encryption_keysize"]) >= 128 and a[1]["encryption_keysize"] == "0"
 
 
 def test_each_transaction_has_its_own_instance(home, smtpd, policy_server):
