@@ -87,12 +87,12 @@ def tcp6_environ(local: bytes, local_port: int, remote: bytes, remote_port: int,
         b"TCP6REMOTEPORT": b"%d" % remote_port,
     }
     if remote[:12] == _MAPPED:
-        # the patch decides by the client alone, and writes both addresses
-        # in IPv4 form when it is an IPv4 client
+        # the patch decides by the client alone and then writes the last
+        # four bytes of both addresses as dotted quads (a non-mapped local
+        # ::1 would show as 0.0.0.1, which a real socket never pairs)
         env[b"PROTO"] = b"TCP"
         env[b"TCPREMOTEIP"] = format_ip4(remote[12:])
-        env[b"TCPLOCALIP"] = (format_ip4(local[12:]) if local[:12] == _MAPPED
-                              else env[b"TCP6LOCALIP"])
+        env[b"TCPLOCALIP"] = format_ip4(local[12:])
     else:
         env[b"PROTO"] = b"TCP6"
         env[b"TCPREMOTEIP"] = env[b"TCP6REMOTEIP"]
