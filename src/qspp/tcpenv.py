@@ -107,20 +107,22 @@ def tcp6_environ(local: bytes, local_port: int, remote: bytes, remote_port: int,
     return env
 
 
-def connection_environ(conn, localhost=None, remotehost=None) -> "dict[bytes, bytes]":
-    """tcp6_environ for an accepted socket (IPv4 or IPv6, dual-stack or not)."""
+def connection_environ(conn, peer, localhost=None, remotehost=None) -> "dict[bytes, bytes]":
+    """tcp6_environ for an accepted socket (IPv4 or IPv6, dual-stack or not);
+    PEER as accept() returned it (getpeername() fails once the client has
+    gone, as a health check does at once)."""
     local, lport, scope = address(conn.family, conn.getsockname())
-    remote, rport, _ = address(conn.family, conn.getpeername())
+    remote, rport, _ = address(conn.family, peer)
     return tcp6_environ(local, lport, remote, rport, scope, localhost, remotehost)
 
 
-def proxied_environ(header, conn, localhost=None, remotehost=None) -> "dict[bytes, bytes]":
+def proxied_environ(header, conn, peer, localhost=None, remotehost=None) -> "dict[bytes, bytes]":
     """The environment for a connection that came through a PROXY header:
     the addresses the balancer reports, or the connection's own for a LOCAL
     (health check) header.  The scope of a reported address is unknown, so
     TCP6INTERFACE is never set from a header."""
     if header.local:
-        return connection_environ(conn, localhost, remotehost)
+        return connection_environ(conn, peer, localhost, remotehost)
     return tcp6_environ(_as16(header.dest), header.dest[2],
                         _as16(header.source), header.source[2],
                         0, localhost, remotehost)

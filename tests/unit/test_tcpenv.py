@@ -87,25 +87,25 @@ class FakeConn:
     def getsockname(self):
         return ("::ffff:10.0.0.5", 25, 0, 0)
 
-    def getpeername(self):
-        return ("::ffff:10.0.0.9", 33000, 0, 0)
+
+PEER = ("::ffff:10.0.0.9", 33000, 0, 0)
 
 
 def test_proxied_environ_uses_the_header():
     h = parse(b"PROXY TCP6 2001:db8::7 2001:db8::1 40000 25\r\n")
-    env = proxied_environ(h, FakeConn())
+    env = proxied_environ(h, FakeConn(), PEER)
     assert (env[b"PROTO"], env[b"TCPREMOTEIP"], env[b"TCPREMOTEPORT"],
             env[b"TCPLOCALIP"], env[b"TCPLOCALPORT"]) == (
         b"TCP6", b"2001:db8::7", b"40000", b"2001:db8::1", b"25")
     h4 = parse(b"PROXY TCP4 192.0.2.7 198.51.100.1 40000 25\r\n")
-    env = proxied_environ(h4, FakeConn())
+    env = proxied_environ(h4, FakeConn(), PEER)
     assert (env[b"PROTO"], env[b"TCPREMOTEIP"], env[b"TCP6REMOTEIP"]) == (
         b"TCP", b"192.0.2.7", b"::ffff:192.0.2.7")
 
 
 def test_proxied_environ_local_keeps_the_balancer():
     h = parse(b"\r\n\r\n\x00\r\nQUIT\n\x20\x00\x00\x00")
-    env = proxied_environ(h, FakeConn())
+    env = proxied_environ(h, FakeConn(), PEER)
     assert (env[b"PROTO"], env[b"TCPREMOTEIP"], env[b"TCPREMOTEPORT"]) == (
         b"TCP", b"10.0.0.9", b"33000")
 
