@@ -342,6 +342,15 @@ class Exporter:
             self.sel.unregister(self.listener)
         self.listener.close()
 
+    def close_in_child(self):
+        """In a forked child: close the sockets only.  The selector's epoll
+        descriptor is shared with the parent, so unregistering here would
+        take them out of the parent's loop."""
+        for c in self.clients.values():
+            c[0].close()
+        self.clients = {}
+        self.listener.close()
+
     def _accept(self):
         while len(self.clients) < MAX_CLIENTS:
             try:

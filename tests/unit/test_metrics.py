@@ -216,3 +216,15 @@ def test_http_oversized_and_slow_requests_are_dropped(exporter, monkeypatch):
     for s in idle:
         s.close()
     assert http(port, b"GET / HTTP/1.0\r\n\r\n").startswith(b"HTTP/1.0 200 OK")
+
+
+def test_close_in_child_leaves_the_parents_loop_alone(exporter):
+    ex, port = exporter
+    pid = os.fork()
+    if pid == 0:
+        try:
+            ex.close_in_child()
+        finally:
+            os._exit(0)
+    assert os.waitpid(pid, 0)[1] == 0
+    assert http(port, b"GET /metrics HTTP/1.0\r\n\r\n").startswith(b"HTTP/1.0 200 OK")
