@@ -131,3 +131,27 @@ def proxied_environ(header, conn, peer, localhost=None, remotehost=None) -> "dic
 def _as16(addr) -> bytes:
     family, packed, _ = addr
     return _MAPPED + packed if family == socket.AF_INET else packed
+
+
+def client_environ(conn, peer, proxy_from=None, timeout=5.0, localhost=None,
+                   resolve=None) -> "tuple[dict[bytes, bytes], object]":
+    """(environment, PROXY header or None) for an accepted connection: what
+    `qspp serve` calls in the session process before any rule or byte.
+
+    A peer in PROXY_FROM (a proxyproto.ProxyFrom) must send a PROXY header
+    within TIMEOUT seconds; ProxyError otherwise, and the caller closes the
+    connection without a word.  Any other peer is its own client.
+    RESOLVE(ip) -> name or None looks up TCPREMOTEHOST for the real client.
+    """
+    header = None
+    if proxy_from is not None and peer[0] in proxy_from:
+        from .proxyproto import read_header
+        header = read_header(conn, timeout)
+        env = proxied_environ(header, conn, peer, localhost)
+    else:
+        env = connection_environ(conn, peer, localhost)
+    if resolve is not None:
+        name = resolve(env[b"TCPREMOTEIP"].decode())
+        if name is not None:
+            env[b"TCPREMOTEHOST"] = env[b"TCP6REMOTEHOST"] = name
+    return env, header
