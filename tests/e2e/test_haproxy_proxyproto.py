@@ -7,6 +7,7 @@ import queue
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 
@@ -88,38 +89,47 @@ def backend():
     lst.close()
 
 
-@pytest.fixture
-def haproxy(tmp_path, backend):
+def start_haproxy(tmp_path, config, probe_port):
     if HAPROXY is None:
         if os.environ.get("CI"):
             pytest.fail("haproxy is not installed")
         pytest.skip("haproxy is not installed")
+    cfg = tmp_path / "haproxy.cfg"
+    cfg.write_text(config)
+    with open(tmp_path / "haproxy.log", "wb") as log:
+        proc = subprocess.Popen([HAPROXY, "-db", "-f", str(cfg)], stdin=subprocess.DEVNULL,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", probe_port), timeout=1).close()
+            return proc
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                stop_haproxy(proc)
+                raise RuntimeError((tmp_path / "haproxy.log").read_text())
+            time.sleep(0.05)
+
+
+def stop_haproxy(proc):
+    proc.terminate()
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture
+def haproxy(tmp_path, backend):
     port, got = backend
     p1, p2 = free_port(), free_port()
-    cfg = tmp_path / "haproxy.cfg"
-    cfg.write_text(CONFIG.format(pidfile=tmp_path / "haproxy.pid", p1=p1, p2=p2, backend=port))
-    log = open(tmp_path / "haproxy.log", "wb")
-    proc = subprocess.Popen([HAPROXY, "-db", "-f", str(cfg)], stdin=subprocess.DEVNULL,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = start_haproxy(tmp_path, CONFIG.format(pidfile=tmp_path / "haproxy.pid", p1=p1,
+                                                 p2=p2, backend=port), p2)
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", p2), timeout=1).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError((tmp_path / "haproxy.log").read_text())
-                time.sleep(0.05)
         yield p1, p2, got
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+        stop_haproxy(proc)
 
 
 def through(port, got, version):
@@ -172,3 +182,61 @@ def test_v2_health_check_is_local(haproxy):
     assert (h.version, h.source, h.dest) == (2, None, None)
     assert env[b"TCPREMOTEIP"] == b"127.0.0.1"
     assert rest == b""
+
+
+# -- today's qspp.smtpd behind HAProxy: the header is only a bad command --------
+
+def test_untrusted_proxy_line_is_a_bad_command(tmp_path, home):
+    """qspp.smtpd under plain tcpserver, HAProxy in front with send-proxy: the line
+    gets netqmail's 502 and the session keeps HAProxy's own address (127.0.0.1),
+    not the 127.0.0.2 the header claims."""
+    from .conftest import SRC, TCPSERVER
+    from .ucspi6 import Server
+    if TCPSERVER is None:
+        if os.environ.get("CI"):
+            pytest.fail("tcpserver (ucspi-tcp) is not installed")
+        pytest.skip("tcpserver (ucspi-tcp) is not installed")
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(SRC),
+           "QMAILHOME": str(home.root), "QMAILQUEUE": str(home.recorder)}
+    srv = Server(TCPSERVER, "127.0.0.1", [sys.executable, "-m", "qspp.smtpd"], env,
+                 cwd=str(home.root))
+    front = free_port()
+    proc = None
+    try:
+        proc = start_haproxy(tmp_path, CONFIG_SMTPD.format(front=front, backend=srv.port),
+                             front)
+        with socket.create_connection(("127.0.0.1", front), timeout=10,
+                                      source_address=("127.0.0.2", 0)) as c:
+            f = c.makefile("rb")
+            assert f.readline() == b"220 mx.example.org ESMTP\r\n"
+            assert f.readline() == b"502 unimplemented (#5.5.1)\r\n"
+            for line, reply in ((b"HELO h", b"250 mx.example.org"),
+                                (b"MAIL FROM:<a@b>", b"250 ok"),
+                                (b"RCPT TO:<x@example.org>", b"250 ok"),
+                                (b"DATA", b"354 go ahead")):
+                c.sendall(line + b"\r\n")
+                assert f.readline() == reply + b"\r\n"
+            c.sendall(b"hi\r\n.\r\n")
+            assert f.readline().startswith(b"250 ok ")
+            c.sendall(b"QUIT\r\n")
+            assert f.readline() == b"221 mx.example.org\r\n"
+        run = [r for r in home.new_runs(1)][0]
+        assert run.message == (b"Received: from unknown (HELO h) (127.0.0.1)\n"
+                               b"  by 0 with SMTP; <D>\nhi\n")
+    finally:
+        if proc is not None:
+            stop_haproxy(proc)
+        srv.stop()
+
+
+CONFIG_SMTPD = """defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 10s
+    timeout server 10s
+frontend smtp
+    bind 127.0.0.1:{front}
+    default_backend smtp
+backend smtp
+    server s 127.0.0.1:{backend} send-proxy
+"""
