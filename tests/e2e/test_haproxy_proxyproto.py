@@ -27,12 +27,12 @@ defaults
     timeout server 10s
 frontend v1
     bind 127.0.0.1:{p1}
-    default_backend v1
+{bind6_1}    default_backend v1
 backend v1
     server s 127.0.0.1:{backend} send-proxy
 frontend v2
     bind 127.0.0.1:{p2}
-    default_backend v2
+{bind6_2}    default_backend v2
 backend v2
     server s 127.0.0.1:{backend} send-proxy-v2
 backend health
@@ -124,8 +124,12 @@ def stop_haproxy(proc):
 def haproxy(tmp_path, backend):
     port, got = backend
     p1, p2 = free_port(), free_port()
-    proc = start_haproxy(tmp_path, CONFIG.format(pidfile=tmp_path / "haproxy.pid", p1=p1,
-                                                 p2=p2, backend=port), p2)
+    from .ucspi6 import have_ipv6_loopback
+    v6 = have_ipv6_loopback()  # test_ipv6_client skips (or fails under CI) without it
+    config = CONFIG.format(pidfile=tmp_path / "haproxy.pid", p1=p1, p2=p2, backend=port,
+                           bind6_1="    bind ::1:%d\n" % p1 if v6 else "",
+                           bind6_2="    bind ::1:%d\n" % p2 if v6 else "")
+    proc = start_haproxy(tmp_path, config, p2)
     try:
         yield p1, p2, got
     finally:
@@ -166,6 +170,29 @@ def test_send_proxy_v1(haproxy):
 def test_send_proxy_v2(haproxy):
     _, p2, got = haproxy
     through(p2, got, 2)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_ipv6_client(haproxy, version):
+    from .ucspi6 import require_ipv6
+    require_ipv6()
+    p1, p2, got = haproxy
+    port = p1 if version == 1 else p2
+    with socket.create_connection(("::1", port), timeout=5) as c:
+        cport = c.getsockname()[1]
+        c.sendall(b"QUIT\r\n")
+        c.shutdown(socket.SHUT_WR)
+        while True:
+            h, env, rest = got.get(timeout=10)
+            if isinstance(h, Exception):
+                raise h
+            if not h.local and h.source[0] == socket.AF_INET6:
+                break
+    assert h.version == version and rest == b"QUIT\r\n"
+    assert h.source == (socket.AF_INET6, socket.inet_pton(socket.AF_INET6, "::1"), cport)
+    assert h.dest == (socket.AF_INET6, socket.inet_pton(socket.AF_INET6, "::1"), port)
+    assert (env[b"PROTO"], env[b"TCPREMOTEIP"], env[b"TCPREMOTEPORT"], env[b"TCPLOCALIP"]) == (
+        b"TCP6", b"::1", b"%d" % cport, b"::1")
 
 
 def test_v2_health_check_is_local(haproxy):
