@@ -70,8 +70,8 @@ def keys(ip: bytes, host: "bytes | None" = None, info: "bytes | None" = None,
     yield ip
     if host is not None:
         yield b"=" + host
-    # shorter and shorter prefixes that end with a dot; the full address
-    # never ends with one, so it is not tried twice
+    # shorter and shorter prefixes that end with a dot (or colon); the full
+    # address itself is never tried twice, even when it ends with a colon
     for n in range(len(ip) - 1, 0, -1):
         if ip[n - 1:n] in ends:
             yield ip[:n]
