@@ -254,3 +254,56 @@ def test_smtpd_under_the_ipv6_tcpserver(ucspi, home, tmp_path, listen, client, s
             r.close()
     finally:
         srv.stop()
+
+
+# -- client_environ on real loopback sockets ------------------------------------
+
+def _pair(family, host, client_host=None, source=None):
+    lst = socket.socket(family)
+    if family == socket.AF_INET6:
+        lst.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    lst.bind((host, 0))
+    lst.listen(1)
+    c = socket.socket(socket.AF_INET6 if ":" in (client_host or host) else socket.AF_INET)
+    if source:
+        c.bind((source, 0))
+    c.connect((client_host or host, lst.getsockname()[1]))
+    conn, peer = lst.accept()
+    lst.close()
+    return c, conn, peer
+
+
+def test_client_environ_direct_and_proxied():
+    from qspp.proxyproto import ProxyError, ProxyFrom
+    from qspp.tcpenv import client_environ
+    require_ipv6()
+    pf = ProxyFrom.parse("127.0.0.2/32")
+    # a dual-stack listener; the balancer at 127.0.0.2 says who the client is
+    c, conn, peer = _pair(socket.AF_INET6, "::", "127.0.0.1", "127.0.0.2")
+    with c, conn:
+        c.sendall(b"PROXY TCP6 2001:db8::7 2001:db8::1 40000 25\r\nEHLO x\r\n")
+        env, h = client_environ(conn, peer, pf, resolve=lambda ip: b"r.example")
+        assert h.version == 1
+        assert (env[b"TCPREMOTEIP"], env[b"TCPREMOTEHOST"], env[b"TCP6REMOTEHOST"]) == (
+            b"2001:db8::7", b"r.example", b"r.example")
+        assert conn.recv(100) == b"EHLO x\r\n"
+    # any other client is itself, and its PROXY line is left for the SMTP session
+    c, conn, peer = _pair(socket.AF_INET6, "::", "127.0.0.1", "127.0.0.3")
+    with c, conn:
+        c.sendall(b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\r\n")
+        env, h = client_environ(conn, peer, pf)
+        assert h is None and env[b"TCPREMOTEIP"] == b"127.0.0.3"
+        assert env[b"TCP6REMOTEIP"] == b"::ffff:127.0.0.3"
+        assert conn.recv(100) == b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\r\n"
+    # a listed balancer that sends no header: an error within the deadline
+    c, conn, peer = _pair(socket.AF_INET, "127.0.0.1", source="127.0.0.2")
+    with c, conn:
+        c.sendall(b"EHLO x\r\n")
+        with pytest.raises(ProxyError, match="no PROXY header"):
+            client_environ(conn, peer, pf, timeout=1)
+    # IPv6 client, no balancer configured
+    c, conn, peer = _pair(socket.AF_INET6, "::1")
+    with c, conn:
+        env, h = client_environ(conn, peer)
+        assert (env[b"PROTO"], env[b"TCPREMOTEIP"], env[b"TCPLOCALIP"]) == (
+            b"TCP6", b"::1", b"::1")
