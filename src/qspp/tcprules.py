@@ -22,6 +22,15 @@ allow: the search stops there.
 
 Rules are variables on top of what the listener sets, so a rule may also
 override TCPLOCALHOST (tcprules(1)'s own example does).
+
+Debian's ucspi-tcp-ipv6 (checked with its own tcprules and tcprulescheck)
+looks up the same keys with TCPREMOTEIP as it sets it: an IPv4 client on a
+dual-stack socket under its dotted quad (so `::ffff:` rules never match), an
+IPv6 client in that tcpserver's address form (tcpenv.format_ip6).  Its
+prefixes end with `.` or `:`: 2001:db8:1:2::5 tries "2001:db8:1:2::",
+"2001:db8:1:2:", "2001:db8:1:", "2001:db8:", "2001:", then "".  Its
+tcprules writes each key exactly as given (no case folding, no
+normalisation, no IPv6 ranges), so a rule must be written in that form.
 """
 
 import os
@@ -49,8 +58,11 @@ class Rule:
         return "Rule(key=%r, deny=%r, env=%r)" % (self.key, self.deny, self.env)
 
 
-def keys(ip: bytes, host: "bytes | None" = None, info: "bytes | None" = None):
-    """The keys tcpserver tries for a client, in its order."""
+def keys(ip: bytes, host: "bytes | None" = None, info: "bytes | None" = None,
+         ipv6: bool = False):
+    """The keys tcpserver tries for a client, in its order; IPV6: as the
+    ucspi-tcp-ipv6 tcpserver, whose prefixes also end at a colon."""
+    ends = b".:" if ipv6 else b"."
     if info is not None:
         yield info + b"@" + ip
         if host is not None:
@@ -58,10 +70,10 @@ def keys(ip: bytes, host: "bytes | None" = None, info: "bytes | None" = None):
     yield ip
     if host is not None:
         yield b"=" + host
-    # shorter and shorter prefixes that end with a dot; the full address
-    # never ends with one, so it is not tried twice
+    # shorter and shorter prefixes that end with a dot (or colon); the full
+    # address itself is never tried twice, even when it ends with a colon
     for n in range(len(ip) - 1, 0, -1):
-        if ip[n - 1:n] == b".":
+        if ip[n - 1:n] in ends:
             yield ip[:n]
     if host is not None:
         for n in range(len(host)):
@@ -93,13 +105,13 @@ def parse(data: bytes):
     return deny, env
 
 
-def lookup(cdb: Cdb, ip: bytes, host=None, info=None) -> "Rule | None":
+def lookup(cdb: Cdb, ip: bytes, host=None, info=None, ipv6=False) -> "Rule | None":
     """The first matching rule, or None when no key (not even "") is present.
 
     Raises OSError when the cdb cannot be read, which tcpserver answers by
     dropping the connection ("unable to read").
     """
-    for key in keys(ip, host, info):
+    for key in keys(ip, host, info, ipv6):
         data = cdb.get(key)
         if data is not None:
             deny, env = parse(data)
@@ -174,8 +186,8 @@ class Rules:
             raise
         return cls(path, Cdb(fd, path), signature(st))
 
-    def lookup(self, ip: bytes, host=None, info=None) -> "Rule | None":
-        return lookup(self.cdb, ip, host, info)
+    def lookup(self, ip: bytes, host=None, info=None, ipv6=False) -> "Rule | None":
+        return lookup(self.cdb, ip, host, info, ipv6)
 
     def close(self) -> None:
         self.cdb.close()
