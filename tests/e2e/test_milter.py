@@ -1,0 +1,166 @@
+"""Milters end to end: a real tcpserver, real qspp processes, the recording queue,
+and FakeMilter (tests/unit/test_milter_fake.py) on a unix socket in the test's
+temp dir.  NOMILTER and MILTERS come from a real tcprules cdb."""
+
+import struct
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
+from test_milter_fake import CLOSE, HANG, FakeMilter, pkt  # noqa: E402
+
+OK = b"250 ok\r\n"
+GO = b"354 go ahead\r\n"
+TEMPFAIL = b"451 4.7.1 Service unavailable - try again later\r\n"
+CTL421 = b"421 unable to read controls (#4.3.0)\r\n"
+RCVD = (b"Received: from client.example.com (HELO h) (192.0.2.7)\n"
+        b"  by 198.51.100.1 with SMTP; <D>\n")
+
+
+@pytest.fixture
+def fake(tmp_path):
+    made = []
+
+    def make(name="m.sock", **kw):
+        m = FakeMilter(tmp_path / name, **kw)
+        made.append(m)
+        return m
+    yield make
+    for m in made:
+        m.stop()
+
+
+def use(home, *milters, options=""):
+    home.control("smtpmilters", "".join("%s %s\n" % (m.address, options) for m in milters))
+
+
+def send(c, body=b"Subject: t\r\n\r\nbody\r\n"):
+    c.send(b"HELO h\r\n")
+    c.reply()
+    c.send(b"MAIL FROM:<a@b.example>\r\n")
+    assert c.reply() == OK
+    c.send(b"RCPT TO:<x@example.org>\r\n")
+    assert c.reply() == OK
+    c.send(b"DATA\r\n")
+    assert c.reply() == GO
+    c.send(body + b".\r\n")
+    return c.reply()
+
+
+def test_changes_reach_the_real_queue_program(home, smtpd, fake):
+    def eom(data):
+        return (pkt(b"h", b"X-Filtered\0yes\0")
+                + pkt(b"i", struct.pack(">I", 0) + b"X-Top\0first\0")
+                + pkt(b"+", b"<copy@example.net>\0") + pkt(b"c"))
+    m = fake(answers={b"E": eom})
+    use(home, m)
+    c = smtpd.connect()
+    run = c.queued(send(c))
+    assert run.message == b"X-Top: first\n" + RCVD + b"Subject: t\nX-Filtered: yes\n\nbody\n"
+    assert run.E == b"Fa@b.example\0Tx@example.org\0Tcopy@example.net\0\0"
+    assert m.last.body() == b"body\r\n"
+    c.send(b"QUIT\r\n")
+    assert c.reply() == b"221 mx.example.org\r\n"
+    c.assert_clean_exit(0)
+    assert m.last.closed.wait(5)
+    assert m.last.cmds().replace(b"D", b"") == b"OCHMRTLLNBEQ"
+
+
+def test_reject_at_end_never_queues(home, smtpd, fake):
+    m = fake(answers={b"E": lambda d: pkt(b"y", b"554 5.7.1 Gtube pattern\0")})
+    use(home, m)
+    c = smtpd.connect()
+    assert send(c) == b"554 5.7.1 Gtube pattern\r\n"
+    c.send(b"QUIT\r\n")
+    c.reply()
+    c.assert_clean_exit(0)
+    home.assert_no_new_runs()
+
+
+@pytest.mark.parametrize("event", [b"B", b"E"])
+def test_milter_closing_mid_message(home, smtpd, fake, event):
+    m = fake(answers={event: lambda d: CLOSE})
+    use(home, m)
+    c = smtpd.connect()
+    assert send(c) == TEMPFAIL
+    c.send(b"MAIL FROM:<a@b.example>\r\n")
+    assert c.reply() == TEMPFAIL
+    c.send(b"QUIT\r\n")
+    c.reply()
+    assert c.status() == 0
+    err = c.stderr_lines()
+    assert len(err) == 1 and err[0].endswith(b": connection closed; default tempfail"), err
+    home.assert_no_new_runs()
+
+
+def test_silent_milter_times_out(home, smtpd, fake):
+    m = fake(answers={b"E": lambda d: HANG})
+    use(home, m, options="timeout=1")
+    c = smtpd.connect()
+    t = time.monotonic()
+    assert send(c) == TEMPFAIL
+    assert time.monotonic() - t < 4
+    home.assert_no_new_runs()
+
+
+def test_unreachable_milter_answers_the_first_command(home, smtpd, tmp_path):
+    home.control("smtpmilters", "unix:%s/nobody.sock\n" % tmp_path)
+    c = smtpd.connect()
+    c.send(b"EHLO h\r\n")
+    assert c.reply() == TEMPFAIL
+    c.send(b"QUIT\r\n")
+    assert c.reply() == b"221 mx.example.org\r\n"
+    assert c.status() == 0
+
+
+def test_bad_smtpmilters_is_an_unreadable_control(home, smtpd):
+    home.control("smtpmilters", "tcp:localhost:25\n")
+    c = smtpd.connect(greet=None)
+    assert c.rest() == CTL421
+    assert c.status() == 1
+    assert c.stderr_lines()[0].endswith(
+        b"control/smtpmilters: bad milter address (inet: or unix:): tcp:localhost:25")
+
+
+def test_nomilter_and_milters_per_client(home, rules_smtpd, fake, tmp_path):
+    m1 = fake("one.sock", answers={b"E": lambda d: pkt(b"h", b"X-One\01\0") + pkt(b"c")})
+    m2 = fake("two.sock", answers={b"E": lambda d: pkt(b"h", b"X-Two\02\0") + pkt(b"c")})
+    use(home, m1)
+    home.write("control/othermilters", "%s\n" % m2.address)
+    server = rules_smtpd('127.0.0.2:allow,NOMILTER=""\n'
+                         '127.0.0.3:allow,MILTERS="control/othermilters"\n'
+                         ':allow\n')
+    seen = {}
+    for source in ("127.0.0.1", "127.0.0.2", "127.0.0.3"):
+        c = server.connect(source=source)
+        run = c.queued(send(c))
+        seen[source] = [h for h in (b"X-One", b"X-Two") if h in run.M]
+    assert seen == {"127.0.0.1": [b"X-One"], "127.0.0.2": [], "127.0.0.3": [b"X-Two"]}
+
+
+def test_fifty_megabytes_through_a_milter_in_bounded_memory(home, smtpd, fake, background_send):
+    """The message is spooled, sent to the milter in chunks and copied to the queue:
+    qspp's peak RSS stays far below the message size."""
+    m = fake(answers={b"E": lambda d: pkt(b"h", b"X-Big\0yes\0") + pkt(b"c")},
+             protocol=0x80000 | 0x80)  # no replies to headers and body chunks
+    use(home, m)
+    c = smtpd.connect(timeout=60)
+    c.send(b"HELO h\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<x@example.org>\r\nDATA\r\n")
+    assert c.replies(4) == [b"250 mx.example.org\r\n", OK, OK, GO]
+    line = b"x" * 998 + b"\r\n"
+    body = b"Subject: big\r\n\r\n" + line * (50 * 1024 * 1024 // len(line)) + b".\r\n"
+    pid = c.pid()
+    background_send(c, body)
+    reply = c.reply(timeout=120)
+    with open("/proc/%d/status" % pid) as f:
+        hwm = [int(x.split()[1]) for x in f if x.startswith("VmHWM:")][0]
+    run = c.queued(reply)
+    n = 50 * 1024 * 1024 // len(line)
+    head = run.M.index(b"\nSubject: ")
+    assert run.M[head:head + 26] == b"\nSubject: big\nX-Big: yes\n\n"
+    assert len(run.M) - head - 26 == n * 999 and run.M.endswith(b"x\n")
+    assert sum(len(d) for d in m.last.data(b"B")) == len(body) - len(b"Subject: big\r\n\r\n") - 3
+    assert hwm < 40 * 1024, "qspp peak RSS %d kB" % hwm
