@@ -212,3 +212,138 @@ def test_rspamd_refuses_gtube_and_queues_clean_mail_with_its_headers(rspamd, hom
     c.send(b"QUIT\r\n")
     c.reply()
     c.assert_clean_exit(0)
+
+
+# -- OpenDKIM ---------------------------------------------------------------------------
+
+OPENDKIM_CONF = """Mode {mode}
+Domain example.org
+Selector sel
+KeyFile {dir}/sel.private
+Socket inet:{port}@127.0.0.1
+Background no
+Syslog no
+RequireSafeKeys false
+InternalHosts 192.0.2.0/24
+TestPublicKeys {dir}/keys
+AuthservID mx.example.org
+Canonicalization simple/simple
+PidFile {dir}/{mode}.pid
+"""
+
+SIGNED_MESSAGE = (b"From: Alice <alice@example.org>\r\nTo: x@example.org\r\n"
+                  b"Subject: a folded\r\n  subject line\r\nDate: Sat, 05 Dec 2026 10:00:00 +0000\r\n"
+                  b"Message-ID: <dkim@example.org>\r\n\r\n"
+                  b"Body line one.\r\n\r\n..a stuffed dot, a trailing blank\r\n\r\n")
+
+
+@pytest.fixture
+def dkim_key(world_dir):
+    """A key pair made by opendkim-genkey, and TestPublicKeys naming its public half."""
+    need("opendkim", "opendkim-genkey", "openssl")
+    subprocess.run(["opendkim-genkey", "-D", str(world_dir), "-d", "example.org", "-s", "sel",
+                    "-b", "1024"], check=True, timeout=60)
+    txt = (world_dir / "sel.txt").read_text()
+    p = re.search(r"p=([A-Za-z0-9+/=]+)", txt).group(1)
+    (world_dir / "keys").write_text("sel._domainkey.example.org v=DKIM1; k=rsa; p=%s\n" % p)
+    return world_dir, p
+
+
+def opendkim(world_dir, mode):
+    port = free_port()
+    conf = world_dir / ("opendkim-%s.conf" % mode)
+    conf.write_text(OPENDKIM_CONF.format(mode=mode, dir=world_dir, port=port))
+    daemon = Daemon(["opendkim", "-x", str(conf), "-f"], world_dir / ("opendkim-%s.log" % mode), port)
+    daemon.ready()
+    return daemon
+
+
+@pytest.fixture
+def dkim_signer(dkim_key):
+    daemon = opendkim(dkim_key[0], "s")
+    yield daemon
+    daemon.stop()
+
+
+@pytest.fixture
+def dkim_verifier(dkim_key):
+    daemon = opendkim(dkim_key[0], "v")
+    yield daemon
+    daemon.stop()
+
+
+def _fields(head: bytes):
+    """Raw header fields (continuation lines included), each ending in CRLF."""
+    out = []
+    for line in head.split(b"\r\n"):
+        if line[:1] in (b" ", b"\t") and out:
+            out[-1] += line + b"\r\n"
+        else:
+            out.append(line + b"\r\n")
+    return out
+
+
+def verify_dkim(message: bytes, public_key_b64: str, tmp: Path) -> None:
+    """A tiny DKIM verifier for simple/simple rsa-sha256 (RFC 6376 §3.4.1, §3.4.3,
+    §3.7), the RSA check done by `openssl dgst -verify` against the test's key."""
+    crlf = message.replace(b"\n", b"\r\n")
+    head, _, body = crlf.partition(b"\r\n\r\n")
+    fields = _fields(head)
+    sig = [f for f in fields if f.lower().startswith(b"dkim-signature:")]
+    assert len(sig) == 1, fields
+    sig = sig[0]
+    tags = {}
+    for part in re.sub(rb"\s+", b"", sig.split(b":", 1)[1]).split(b";"):
+        if b"=" in part:
+            k, v = part.split(b"=", 1)
+            tags[k] = v
+    assert tags[b"a"] == b"rsa-sha256" and tags.get(b"c", b"simple/simple") == b"simple/simple"
+    body = body.rstrip(b"\r\n") + b"\r\n" if body.strip(b"\r\n") else b"\r\n"
+    assert base64.b64encode(hashlib.sha256(body).digest()) == tags[b"bh"], "body hash differs"
+    unused = list(fields)
+    data = b""
+    for name in tags[b"h"].split(b":"):
+        for i in range(len(unused) - 1, -1, -1):
+            if unused[i].split(b":", 1)[0].strip().lower() == name.lower():
+                data += unused.pop(i)
+                break
+    name, value = sig.split(b":", 1)
+    data += name + b":" + re.sub(rb"((?:^|;)\s*b=)[^;]*", rb"\1", value[:-2])
+    (tmp / "signed-data").write_bytes(data)
+    (tmp / "signature").write_bytes(base64.b64decode(tags[b"b"]))
+    wrapped = "\n".join(public_key_b64[i:i + 64] for i in range(0, len(public_key_b64), 64))
+    (tmp / "pub.pem").write_text("-----BEGIN PUBLIC KEY-----\n%s\n-----END PUBLIC KEY-----\n" % wrapped)
+    r = subprocess.run(["openssl", "dgst", "-sha256", "-verify", str(tmp / "pub.pem"),
+                        "-signature", str(tmp / "signature"), str(tmp / "signed-data")],
+                       capture_output=True, timeout=30)
+    assert r.returncode == 0, (r.stdout, r.stderr, data)
+
+
+def test_opendkim_signs_and_the_signature_verifies(dkim_key, dkim_signer, home, smtpd, tmp_path):
+    home.control("smtpmilters", "inet:127.0.0.1:%d\n" % dkim_signer.port)
+    c = smtpd.connect()
+    run = c.queued(send(c, SIGNED_MESSAGE, sender=b"alice@example.org"))
+    assert run.M.startswith(b"DKIM-Signature: v=1; a=rsa-sha256; c=simple/simple; d=example.org;")
+    assert b"\r" not in run.M
+    verify_dkim(run.M, dkim_key[1], tmp_path)
+    # the verifier can fail: one changed body byte and it does
+    with pytest.raises(AssertionError, match="body hash differs"):
+        verify_dkim(run.M.replace(b"Body line one.", b"Body line 1."), dkim_key[1], tmp_path)
+
+
+def test_opendkim_verifies_with_authentication_results(dkim_key, dkim_signer, dkim_verifier,
+                                                       home, smtpd):
+    """Sign through one OpenDKIM, then send the queued message (qmail's LF made CRLF,
+    dots stuffed) from an outside client through a verifying OpenDKIM."""
+    home.control("smtpmilters", "inet:127.0.0.1:%d\n" % dkim_signer.port)
+    c = smtpd.connect()
+    signed = c.queued(send(c, SIGNED_MESSAGE, sender=b"alice@example.org")).M
+    home.control("smtpmilters", "inet:127.0.0.1:%d\n" % dkim_verifier.port)
+    home.setenv(TCPREMOTEIP="203.0.113.9")
+    wire = signed.replace(b"\n", b"\r\n").replace(b"\r\n.", b"\r\n..")
+    for tamper, result in ((False, b"dkim=pass"), (True, b"dkim=fail")):
+        c = smtpd.connect()
+        msg = wire.replace(b"Body line one.", b"Body line 1.") if tamper else wire
+        run = c.queued(send(c, msg, sender=b"alice@example.org"))
+        ar = re.search(rb"(?:^|\n)Authentication-Results: mx\.example\.org;\s*(dkim=\w+)", run.M)
+        assert ar and ar.group(1) == result, run.M[:1500]
