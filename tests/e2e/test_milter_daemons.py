@@ -347,3 +347,54 @@ def test_opendkim_verifies_with_authentication_results(dkim_key, dkim_signer, dk
         run = c.queued(send(c, msg, sender=b"alice@example.org"))
         ar = re.search(rb"(?:^|\n)Authentication-Results: mx\.example\.org;\s*(dkim=\w+)", run.M)
         assert ar and ar.group(1) == result, run.M[:1500]
+
+
+# -- OpenDMARC ---------------------------------------------------------------------------
+
+OPENDMARC_CONF = """AuthservID mx.example.org
+Socket inet:{port}@127.0.0.1
+Background false
+Syslog false
+PidFile {dir}/opendmarc.pid
+TestDNSData {dir}/dns
+RejectFailures true
+IgnoreHosts {dir}/ignore
+"""
+
+
+@pytest.fixture
+def dmarc(dkim_key):
+    need("opendmarc")
+    d = dkim_key[0]
+    (d / "dns").write_text("_dmarc.example.org v=DMARC1; p=reject\n")
+    (d / "ignore").write_text("127.0.0.1\n")
+    port = free_port()
+    (d / "opendmarc.conf").write_text(OPENDMARC_CONF.format(port=port, dir=d))
+    daemon = Daemon(["opendmarc", "-c", str(d / "opendmarc.conf"), "-f"], d / "opendmarc.log", port)
+    try:
+        daemon.ready()
+        yield daemon
+    finally:
+        daemon.stop()
+
+
+def test_opendmarc_offline_reads_opendkims_result(dkim_key, dkim_signer, dkim_verifier, dmarc,
+                                                   home, smtpd):
+    """OpenDKIM verifies first; OpenDMARC, the second milter, sees its
+    Authentication-Results as it would under Postfix, and judges example.org's
+    p=reject policy from TestDNSData."""
+    home.control("smtpmilters", "inet:127.0.0.1:%d\n" % dkim_signer.port)
+    c = smtpd.connect()
+    signed = c.queued(send(c, SIGNED_MESSAGE, sender=b"alice@example.org")).M
+    home.control("smtpmilters", "inet:127.0.0.1:%d\ninet:127.0.0.1:%d\n"
+                 % (dkim_verifier.port, dmarc.port))
+    home.setenv(TCPREMOTEIP="203.0.113.9")
+    wire = signed.replace(b"\n", b"\r\n").replace(b"\r\n.", b"\r\n..")
+    c = smtpd.connect()
+    run = c.queued(send(c, wire, sender=b"alice@example.org"))
+    assert re.search(rb"(?:^|\n)Authentication-Results: mx\.example\.org; dmarc=pass "
+                     rb"\(p=reject dis=none\) header\.from=example\.org\n", run.M), run.M[:1500]
+    c = smtpd.connect()
+    reply = send(c, wire.replace(b"Body line one.", b"Body line 1."), sender=b"alice@example.org")
+    assert reply == b"550 5.7.1 rejected by DMARC policy for example.org\r\n"
+    home.assert_no_new_runs()
