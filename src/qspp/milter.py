@@ -11,10 +11,9 @@ line and the plugins' headers included, LF line ends made CRLF on the wire
 (OpenDKIM hashes the bytes it is sent), CRLF made LF again on the way back.
 """
 
+import _socket
 import errno
 import posix
-import socket
-import struct
 import time
 
 from . import control, replies
@@ -156,23 +155,31 @@ def load(env) -> list:
 
 # -- the wire ------------------------------------------------------------------
 
+def _u32(n: int) -> bytes:
+    return n.to_bytes(4, "big")
+
+
+def _n(b) -> int:
+    return int.from_bytes(b, "big")
+
+
 def packet(cmd: bytes, data: bytes = b"") -> bytes:
-    return struct.pack(">I", len(data) + 1) + cmd + data
+    return _u32(len(data) + 1) + cmd + data
 
 
 def optneg(version=VERSION, actions=ACTIONS, protocol=PROTOCOL) -> bytes:
-    return packet(b"O", struct.pack(">III", version, actions, protocol))
+    return packet(b"O", _u32(version) + _u32(actions) + _u32(protocol))
 
 
 def parse_optneg(data: bytes):
     """(version, actions, protocol, {stage: [macro names]}) from the milter's O."""
     if len(data) < 12:
         raise MilterError("short option negotiation")
-    version, actions, protocol = struct.unpack(">III", data[:12])
+    version, actions, protocol = _n(data[:4]), _n(data[4:8]), _n(data[8:12])
     lists = {}
     rest = data[12:]
     while len(rest) >= 5:
-        stage = struct.unpack(">I", rest[:4])[0]
+        stage = _n(rest[:4])
         end = rest.find(b"\0", 4)
         if end < 0:
             end = len(rest)
@@ -191,7 +198,7 @@ def connect_data(host: bytes, ip: bytes, port: bytes) -> bytes:
         return host + b"\0U"
     family = b"6" if b":" in ip else b"4"
     p = int(port) if port.isdigit() and int(port) < 65536 else 0
-    return host + b"\0" + family + struct.pack(">H", p) + ip + b"\0"
+    return host + b"\0" + family + p.to_bytes(2, "big") + ip + b"\0"
 
 
 def strings(data: bytes):
@@ -231,7 +238,7 @@ class Decoder:
         buf = self.buf
         if len(buf) < 4:
             return None
-        n = struct.unpack(">I", buf[:4])[0]
+        n = _n(buf[:4])
         if n == 0 or n > MAX_PACKET:
             raise MilterError("bad packet length %d" % n)
         if len(buf) < 4 + n:
@@ -249,6 +256,7 @@ class Link:
         self.sock = None
         self.decoder = Decoder()
         self.out = []
+        self.pending = 0
 
     def open(self) -> None:
         kind, _, rest = self.spec.address.partition(b":")
@@ -257,34 +265,39 @@ class Link:
             if kind == b"inet":
                 host, _, port = rest.rpartition(b":")
                 host = host.strip(b"[]").decode("ascii", "replace") or "127.0.0.1"
-                family = socket.AF_INET6 if ":" in host else socket.AF_INET
-                sock = socket.socket(family, socket.SOCK_STREAM)
+                family = _socket.AF_INET6 if ":" in host else _socket.AF_INET
+                sock = _socket.socket(family, _socket.SOCK_STREAM)
                 address = (host, int(port))
             else:
-                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
                 address = rest
             self.sock = sock
             sock.settimeout(self.spec.timeout)
             sock.connect(address)
-        except socket.timeout:
+        except TimeoutError:
             raise MilterError("connect timeout")
         except (OSError, UnicodeError) as e:
             raise MilterError("cannot connect: %s" % (getattr(e, "strerror", None) or e))
         self.deadline = deadline
 
     def send(self, data: bytes) -> None:
-        """Queued until the next flush (one write per step)."""
+        """Queued until a reply is awaited or 64 KiB are pending: events that
+        need no reply cost no write of their own."""
         self.out.append(data)
+        self.pending += len(data)
+        if self.pending > 65536:
+            self.flush()
 
     def flush(self) -> None:
         if not self.out:
             return
         data = b"".join(self.out)
         self.out = []
+        self.pending = 0
         try:
             self.sock.settimeout(self.spec.timeout)
             self.sock.sendall(data)
-        except socket.timeout:
+        except TimeoutError:
             raise MilterError("write timeout")
         except OSError as e:
             raise MilterError("write error: %s" % (e.strerror or e))
@@ -303,7 +316,7 @@ class Link:
             try:
                 self.sock.settimeout(left)
                 data = self.sock.recv(65536)
-            except socket.timeout:
+            except TimeoutError:
                 raise MilterError("timeout")
             except OSError as e:
                 raise MilterError("read error: %s" % (e.strerror or e))
@@ -459,13 +472,13 @@ class Draft:
         self.edited = True
 
     def _edit_insert(self, data):
-        index = struct.unpack(">I", data[:4])[0]
+        index = _n(data[:4])
         name, value = (strings(data[4:]) + [b""])[:2]
         self.headers.insert(min(index, len(self.headers)), make_field(name, value))
         self.edited = True
 
     def _edit_change(self, data):
-        index = struct.unpack(">I", data[:4])[0]
+        index = _n(data[:4])
         name, value = (strings(data[4:]) + [b""])[:2]
         lname = name.lower()
         seen = 0
@@ -805,7 +818,6 @@ class Milters:
                 continue
             try:
                 if not m.send_step(step, data, self.macros):
-                    m.link.flush()
                     continue
                 cmd, text = m.answer()
             except MilterError as e:
@@ -879,7 +891,6 @@ class Milters:
 
     def _message_to(self, m: Milter, draft: Draft):
         """One milter's view of the message; None when it lets it through."""
-        link = m.link
         if m.wants(HEADER):
             for name, value in draft.fields():
                 if m.send_step(HEADER, name + b"\0" + value + b"\0", self.macros):
@@ -899,8 +910,6 @@ class Milters:
                         break
                     if cmd != b"c":
                         return self._early(m, cmd, text)
-                else:
-                    link.flush()
         m.send_step(EOM, b"", self.macros)
         edits = []
         cmd, text = m.answer(edits)
@@ -937,7 +946,6 @@ class Milters:
             if m.in_message and not m.off:
                 try:
                     m.link.send(packet(b"A"))
-                    m.link.flush()
                 except MilterError as e:
                     self._fail(m, e)
             m.in_message = False

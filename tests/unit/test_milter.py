@@ -489,7 +489,9 @@ def test_message_refused_by_qmail_aborts_the_milter(milters):
     h = harness(m, settings_=fakes.settings(databytes=10))
     out = transaction(h, b"Subject: a long message\r\n\r\nbody\r\n")
     assert out.endswith(replies.DATABYTES + b"\r\n")
-    assert m.last.cmds().replace(b"D", b"").endswith(b"MRTA")
+    h.session.milters.close()
+    assert m.last.closed.wait(5)
+    assert m.last.cmds().replace(b"D", b"").endswith(b"MRTAQ")
     assert h.queue.queues == []
 
 
