@@ -224,7 +224,7 @@ Socket inet:{port}@127.0.0.1
 Background no
 Syslog no
 RequireSafeKeys false
-InternalHosts 192.0.2.0/24
+InternalHosts {internal}
 TestPublicKeys {dir}/keys
 AuthservID mx.example.org
 Canonicalization simple/simple
@@ -249,10 +249,10 @@ def dkim_key(world_dir):
     return world_dir, p
 
 
-def opendkim(world_dir, mode):
+def opendkim(world_dir, mode, internal="192.0.2.0/24"):
     port = free_port()
     conf = world_dir / ("opendkim-%s.conf" % mode)
-    conf.write_text(OPENDKIM_CONF.format(mode=mode, dir=world_dir, port=port))
+    conf.write_text(OPENDKIM_CONF.format(mode=mode, dir=world_dir, port=port, internal=internal))
     daemon = Daemon(["opendkim", "-x", str(conf), "-f"], world_dir / ("opendkim-%s.log" % mode), port)
     daemon.ready()
     return daemon
@@ -398,3 +398,36 @@ def test_opendmarc_offline_reads_opendkims_result(dkim_key, dkim_signer, dkim_ve
     reply = send(c, wire.replace(b"Body line one.", b"Body line 1."), sender=b"alice@example.org")
     assert reply == b"550 5.7.1 rejected by DMARC policy for example.org\r\n"
     home.assert_no_new_runs()
+
+
+CHECKPW = """import os, sys
+data = os.read(3, 512)
+if data.split(b"\\0")[:2] != [b"user", b"secret"]:
+    sys.exit(1)
+os.execv(sys.argv[1], sys.argv[1:])
+"""
+
+
+def test_opendkim_signs_for_clients_that_auth(dkim_key, home, smtpd, tmp_path):
+    """No internal hosts: OpenDKIM signs because qspp tells it {auth_type} and
+    {auth_authen} after a successful AUTH, and only then (the README's recipe)."""
+    d = dkim_key[0]
+    (d / "s.pid").unlink(missing_ok=True)
+    signer = opendkim(d, "s", internal="127.0.0.2")
+    try:
+        home.python_plugin("bin/checkpw", CHECKPW)
+        home.args = ["mx.example.org", "bin/checkpw", "/bin/true"]
+        home.control("smtpmilters", "inet:127.0.0.1:%d\n" % signer.port)
+        c = smtpd.connect()
+        c.send(b"EHLO client.example.com\r\n")
+        c.reply()
+        c.send(b"AUTH PLAIN " + base64.b64encode(b"\0user\0secret") + b"\r\n")
+        assert c.reply() == b"235 ok, go ahead (#2.0.0)\r\n"
+        run = c.queued(send(c, SIGNED_MESSAGE, sender=b"alice@example.org"))
+        assert run.M.startswith(b"DKIM-Signature: v=1; a=rsa-sha256;")
+        verify_dkim(run.M, dkim_key[1], tmp_path)
+        c = smtpd.connect()
+        run = c.queued(send(c, SIGNED_MESSAGE, sender=b"alice@example.org"))
+        assert b"DKIM-Signature:" not in run.M
+    finally:
+        signer.stop()
