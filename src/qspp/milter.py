@@ -896,12 +896,12 @@ class Milters:
                 if m.send_step(HEADER, name + b"\0" + value + b"\0", self.macros):
                     cmd, text = m.answer()
                     if cmd != b"c":
-                        return self._early(m, cmd, text)
+                        return self._verdict(m, cmd, text, b"during the message")
         if m.wants(EOH):
             if m.send_step(EOH, b"", self.macros):
                 cmd, text = m.answer()
                 if cmd != b"c":
-                    return self._early(m, cmd, text)
+                    return self._verdict(m, cmd, text, b"during the message")
         if m.wants(BODY):
             for chunk in draft.body_chunks():
                 if m.send_step(BODY, chunk, None):
@@ -909,7 +909,7 @@ class Milters:
                     if cmd == b"s" and m.protocol & P_SKIP:
                         break
                     if cmd != b"c":
-                        return self._early(m, cmd, text)
+                        return self._verdict(m, cmd, text, b"during the message")
         m.send_step(EOM, b"", self.macros)
         edits = []
         cmd, text = m.answer(edits)
@@ -918,26 +918,20 @@ class Milters:
             draft.apply(edits)
             draft.end_edits()
             return None
-        if cmd == b"d":
-            log(b"milter %s: discard at end of message" % m.name)
-            self.discard = True
-            return None
-        if cmd == b"s":
-            raise MilterError("skip at end of message")
-        return reply_for(cmd, text)
+        return self._verdict(m, cmd, text, b"at end of message")
 
-    def _early(self, m: Milter, cmd: bytes, text: bytes):
-        """A verdict before end of message: accept and discard end this
-        milter's part, a refusal ends the message."""
+    def _verdict(self, m: Milter, cmd: bytes, text: bytes, where: bytes):
+        """A verdict that takes no changes: accept and discard end this milter's
+        part of the message, a refusal ends the message (its reply)."""
         if cmd == b"a":
             m.message_off = True
             return None
         if cmd == b"d":
-            log(b"milter %s: discard during the message" % m.name)
+            log(b"milter %s: discard %s" % (m.name, where))
             self.discard = True
             return None
         if cmd == b"s":
-            raise MilterError("skip outside the body")
+            raise MilterError("skip %s" % where.decode())
         return reply_for(cmd, text)
 
     def abort(self) -> None:

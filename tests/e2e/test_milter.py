@@ -164,3 +164,21 @@ def test_fifty_megabytes_through_a_milter_in_bounded_memory(home, smtpd, fake, b
     assert len(run.M) - head - 26 == n * 999 and run.M.endswith(b"x\n")
     assert sum(len(d) for d in m.last.data(b"B")) == len(body) - len(b"Subject: big\r\n\r\n") - 3
     assert hwm < 40 * 1024, "qspp peak RSS %d kB" % hwm
+
+
+def test_milter_code_is_imported_only_when_smtpmilters_exists(home, fake):
+    """Every connection starts an interpreter: without a milter list qspp.milter
+    must not be imported at all."""
+    import subprocess
+    from .conftest import PYTHON
+
+    def imported():
+        r = subprocess.run([PYTHON, "-X", "importtime", "-m", "qspp.smtpd"], input=b"QUIT\r\n",
+                           capture_output=True, env=home.full_env(), timeout=30)
+        assert r.stdout == b"220 mx.example.org ESMTP\r\n221 mx.example.org\r\n"
+        return b"qspp.milter" in r.stderr
+    assert not imported()
+    use(home, fake())
+    assert imported()
+    home.setenv(NOMILTER="")
+    assert not imported()

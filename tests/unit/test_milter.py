@@ -502,3 +502,37 @@ def test_body_plugins_run_first_and_milters_see_their_headers(milters):
     names = [d.split(b"\0")[0] for d in m.last.data(b"L")]
     assert names == [b"Received", b"X-Body", b"Subject", b"To"]
     assert b"\nX-Body: seen\nSubject: hi\n" in h.queue.last.message
+
+
+def test_discard_at_rcpt_drops_the_whole_message(milters):
+    m = milters(answers={b"R": lambda d: pkt(b"d") if b"trap" in d else None})
+    h = harness(m)
+    h.cmds(b"HELO h", b"MAIL FROM:<a@example.com>")
+    assert h.cmd(b"RCPT TO:<trap@example.org>") == b"250 ok\r\n"
+    assert h.cmd(b"RCPT TO:<x@example.org>") == b"250 ok\r\n"
+    h.cmd(b"DATA")
+    assert h.feed(b"hi\r\n.\r\n") == b"250 ok discarded\r\n"
+    assert h.queue.queues == []
+    # the next transaction is judged afresh
+    assert transaction(h).endswith(fakes.QUEUED + b"\r\n")
+
+
+def test_accept_during_the_headers_ends_that_milters_part(milters):
+    m = milters(answers={b"L": lambda d: pkt(b"a")})
+    h = harness(m)
+    assert transaction(h).endswith(fakes.QUEUED + b"\r\n")
+    assert m.last.cmds().replace(b"D", b"").endswith(b"TL")
+
+
+def test_check_reports_each_milter(milters, tmp_path, monkeypatch):
+    good = milters(protocol=ALL_NR)
+    bad = milters(version=9)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "control").mkdir()
+    (tmp_path / "control/smtpmilters").write_text(
+        "%s\n%s\nunix:%s/none.sock timeout=1\n" % (good.address, bad.address, tmp_path))
+    got = milter.check({})
+    assert got[0] == (good.address.encode(), True,
+                      "protocol version 6, actions 0x1ff, steps 0x%x" % ALL_NR)
+    assert got[1] == (bad.address.encode(), False, "unsupported protocol version 9")
+    assert got[2][1] is False and got[2][2].startswith("cannot connect: ")
