@@ -55,6 +55,10 @@ EOH = (b"N", P_NOEOH, P_NR_EOH, 6)
 BODY = (b"B", P_NOBODY, P_NR_BODY, None)
 EOM = (b"E", 0, 0, 5)
 
+# SPPLOG's section names for the events a milter answers
+_PHASES = {b"C": "connection", b"H": "helo", b"M": "mail", b"R": "rcpt", b"T": "data",
+           b"E": "body"}
+
 # the macros sent at each stage unless the milter asks for others (v6)
 STAGE_MACROS = {
     0: (b"j", b"_", b"{daemon_name}", b"{if_addr}", b"{client_addr}",
@@ -816,15 +820,18 @@ class Milters:
         for m in self.milters:
             if m.off or m.message_off or not m.wants(step):
                 continue
+            started = time.monotonic()
             try:
                 if not m.send_step(step, data, self.macros):
                     continue
                 cmd, text = m.answer()
             except MilterError as e:
+                self._note(step, m, b"failed", started)
                 self._fail(m, e)
                 if self.refusal is not None:
                     return self.refusal
                 continue
+            self._note(step, m, text[:3] if cmd == b"y" else cmd, started)
             if cmd == b"a":
                 if session_level:
                     m.close(True)
@@ -832,7 +839,7 @@ class Milters:
                     m.message_off = True
             elif cmd == b"d":
                 if not session_level:
-                    log(b"milter %s: discard at %s" % (m.name, step[0]))
+                    log(b"milter %s: discard at %s" % (m.name, _PHASES[step[0]].encode()))
                     self.discard = True
                     m.message_off = True
             else:
@@ -840,6 +847,12 @@ class Milters:
                 if reply is not None:
                     return reply
         return None
+
+    def _note(self, step, m: Milter, verdict: bytes, started: float) -> None:
+        """One SPPLOG run line (and summary entry) per milter answer."""
+        if self.journal is not None:
+            self.journal.run(_PHASES[step[0]], b"milter:" + m.name, verdict, None,
+                             int((time.monotonic() - started) * 1000))
 
     # -- the message
 
@@ -857,15 +870,19 @@ class Milters:
             for m in self.milters:
                 if m.off or m.message_off or self.discard:
                     continue
+                started = time.monotonic()
                 try:
                     outcome = self._message_to(m, draft)
                 except MilterError as e:
+                    self._note(EOM, m, b"failed", started)
                     self._fail(m, e)
                     draft.end_edits()
                     if self.refusal is not None:
                         verdict.reply = self.refusal
                         break
                     continue
+                self._note(EOM, m, b"discard" if self.discard else
+                           b"ok" if outcome is None else outcome[:3], started)
                 if outcome is not None:
                     verdict.reply = outcome
                     break

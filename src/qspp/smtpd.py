@@ -301,6 +301,8 @@ def run(argv, environ) -> int:
     session = Session(settings, env, engine, start_queue, time.time, start_spool)
     session.journal = journal
     session.milters = milters
+    if milters is not None:
+        milters.journal = journal
     session.tls_io = _TlsIO
     if auth_mode is not None:
         session.auth_io = _AuthIO()

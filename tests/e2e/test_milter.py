@@ -2,6 +2,7 @@
 and FakeMilter (tests/unit/test_milter_fake.py) on a unix socket in the test's
 temp dir.  NOMILTER and MILTERS come from a real tcprules cdb."""
 
+import re
 import struct
 import sys
 import time
@@ -182,3 +183,26 @@ def test_milter_code_is_imported_only_when_smtpmilters_exists(home, fake):
     assert imported()
     home.setenv(NOMILTER="")
     assert not imported()
+
+
+def test_spplog_shows_each_milter_verdict_and_time(home, smtpd, fake):
+    m = fake(protocol=0x1000 | 0x2000,  # no replies to connect and HELO
+             answers={b"R": lambda d: pkt(b"y", b"550 5.1.1 no\0") if b"bad" in d else None})
+    use(home, m)
+    home.setenv(SPPLOG="1")
+    c = smtpd.connect()
+    c.send(b"HELO h\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<bad@example.org>\r\n")
+    assert c.replies(3) == [b"250 mx.example.org\r\n", OK, b"550 5.1.1 no\r\n"]
+    c.send(b"RCPT TO:<x@example.org>\r\nDATA\r\nhi\r\n.\r\nQUIT\r\n")
+    assert c.replies(3)[:2] == [OK, GO]
+    c.reply()
+    assert c.status() == 0
+    lines = [re.sub(rb",\d+,milter:", b",N,milter:", re.sub(rb" ms=\d+", b" ms=N", ln.split(b": ", 2)[2]))
+             for ln in c.stderr_lines()]
+    entry = b"milter:" + m.address.encode()
+    runs = ((b"mail", b"c"), (b"rcpt", b"550"), (b"rcpt", b"c"), (b"data", b"c"), (b"body", b"ok"))
+    assert lines[:5] == [b"spp-run section=%s entry=%s verdict=%s exit=- ms=N" % (p, entry, v)
+                         for p, v in runs]
+    assert b" rcpt1=<bad@example.org>:550/milter,<x@example.org>:250 " in lines[5]
+    assert b" ".join(b"run%d=%s,%s,N,%s" % (n, p, v, entry)
+                     for n, (p, v) in enumerate(runs, 1)) + b" end=quit" in lines[5]
