@@ -31,6 +31,7 @@ MAX_HEADER = 64000  # a longer field, and all after it, goes to milters as body
 MAX_HEADERS_TOTAL = 1 << 20
 MAX_HEADER_COUNT = 2000
 MAX_EDITED_HEADERS = 4 << 20  # headers after the milters' additions
+MAX_EDITS = 16 << 20  # one milter's changes, a replaced body aside
 
 # actions (SMFIF_*) qspp can carry out, offered in full
 ACTIONS = 0x1FF
@@ -383,8 +384,6 @@ class Draft:
         self.body = []  # pieces
         self.body_fd = -1  # a replacement body (LF line ends)
         self.edited = False  # the headers or the body differ from the pieces
-        self._replacing = False  # a milter's body replacement is being written
-        self._carry = b""
         self._split()
 
     def _blocks(self, pieces):
@@ -464,9 +463,15 @@ class Draft:
 
     # -- the milters' changes
 
-    def apply(self, edits) -> None:
-        for cmd, data in edits:
+    def apply(self, edits: "Edits") -> None:
+        """One milter's changes, once its verdict lets them through."""
+        for cmd, data in edits.items:
             getattr(self, "_edit_" + _EDITS[cmd])(data)
+        if edits.body_fd >= 0:
+            if self.body_fd >= 0:
+                posix.close(self.body_fd)
+            self.body_fd, edits.body_fd = edits.body_fd, -1
+            self.edited = True
         if sum(len(h) for h in self.headers) > MAX_EDITED_HEADERS:
             raise MilterError("headers over 4 MiB after changes")
 
@@ -499,30 +504,6 @@ class Draft:
         if value:
             self.headers.append(make_field(name, value))
             self.edited = True
-
-    def _edit_body(self, data):
-        if self.body_fd < 0 or not self._replacing:
-            self._new_body()
-        data = self._carry + data
-        self._carry = b""
-        if data[-1:] == b"\r":
-            self._carry, data = b"\r", data[:-1]
-        _write_all(self.body_fd, data.replace(b"\r\n", b"\n"))
-        self.edited = True
-
-    def _new_body(self):
-        if self.body_fd >= 0:
-            posix.close(self.body_fd)
-        self.body_fd = _temp_file()
-        self._replacing = True
-        self._carry = b""
-
-    def end_edits(self) -> None:
-        """One milter's changes are complete."""
-        if self._replacing:
-            if self._carry:
-                _write_all(self.body_fd, self._carry)
-            self._replacing = False
 
     def _edit_addrcpt(self, data):
         address = _unbracket(strings(data)[0])
@@ -563,6 +544,43 @@ class Draft:
             body = self.body
         for block in self._blocks(body):
             queue.write(block)
+
+    def close(self) -> None:
+        if self.body_fd >= 0:
+            posix.close(self.body_fd)
+            self.body_fd = -1
+
+
+class Edits:
+    """What one milter asks to change at end of message, held until its verdict.
+    A replacement body goes straight to a temp file (LF line ends), so a milter
+    rewriting a 50 MB body costs no memory; the rest is capped."""
+
+    def __init__(self):
+        self.items = []
+        self.size = 0
+        self.body_fd = -1
+        self._carry = b""
+
+    def add(self, cmd: bytes, data: bytes) -> None:
+        if cmd == b"b":
+            if self.body_fd < 0:
+                self.body_fd = _temp_file()
+            data = self._carry + data
+            self._carry = b""
+            if data[-1:] == b"\r":
+                self._carry, data = b"\r", data[:-1]
+            _write_all(self.body_fd, data.replace(b"\r\n", b"\n"))
+            return
+        self.size += len(data)
+        if self.size > MAX_EDITS:
+            raise MilterError("changes over 16 MiB")
+        self.items.append((cmd, data))
+
+    def finish(self) -> None:
+        if self._carry:
+            _write_all(self.body_fd, self._carry)
+            self._carry = b""
 
     def close(self) -> None:
         if self.body_fd >= 0:
@@ -679,9 +697,7 @@ class Milter:
             if cmd == b"p":
                 continue
             if edits is not None and cmd in _EDITS:
-                edits.append((cmd, data))
-                if len(edits) > 100000:
-                    raise MilterError("too many changes")
+                edits.add(cmd, data)
                 continue
             if cmd in b"cartsd" and len(cmd) == 1:
                 return cmd, data
@@ -876,7 +892,6 @@ class Milters:
                 except MilterError as e:
                     self._note(EOM, m, b"failed", started)
                     self._fail(m, e)
-                    draft.end_edits()
                     if self.refusal is not None:
                         verdict.reply = self.refusal
                         break
@@ -928,13 +943,16 @@ class Milters:
                     if cmd != b"c":
                         return self._verdict(m, cmd, text, b"during the message")
         m.send_step(EOM, b"", self.macros)
-        edits = []
-        cmd, text = m.answer(edits)
-        m.in_message = False  # the verdict ends the milter's message
-        if cmd in b"ca":
-            draft.apply(edits)
-            draft.end_edits()
-            return None
+        edits = Edits()
+        try:
+            cmd, text = m.answer(edits)
+            m.in_message = False  # the verdict ends the milter's message
+            if cmd in b"ca":
+                edits.finish()
+                draft.apply(edits)
+                return None
+        finally:
+            edits.close()
         return self._verdict(m, cmd, text, b"at end of message")
 
     def _verdict(self, m: Milter, cmd: bytes, text: bytes, where: bytes):

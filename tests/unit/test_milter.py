@@ -170,7 +170,8 @@ def test_draft_pieces_keep_the_body_plugin_headers_at_the_mark(tmp_path):
 def test_draft_edits():
     d = draft(b"Received: r\nSubject: s\nX-A: 1\nx-a: 2\n\nold\n",
               [(b"x@example.org", b"x@example.org"), (b"y@example.org", b"y@example.orgSUFFIX")])
-    d.apply([
+    edits = milter.Edits()
+    for cmd, data in [
         (b"h", b"X-Spam\0yes\0"),
         (b"i", struct.pack(">I", 0) + b"DKIM-Signature\0v=1;\r\n\tb=abc\0"),
         (b"m", struct.pack(">I", 2) + b"X-A\0changed\0"),
@@ -180,8 +181,11 @@ def test_draft_edits():
         (b"+", b"<z@example.net>\0"), (b"-", b"<Y@example.org>\0"),
         (b"e", b"<b@example.com>\0SIZE=10\0"),
         (b"q", b"suspicious\0"),
-    ])
-    d.end_edits()
+    ]:
+        edits.add(cmd, data)
+    edits.finish()
+    d.apply(edits)
+    assert edits.body_fd == -1  # the draft owns the new body now
     assert queued(d) == (b"DKIM-Signature: v=1;\n\tb=abc\nReceived: r\nX-A: 1\nX-A: changed\n"
                          b"X-Spam: yes\nX-New: v\nX-Qspp-Quarantine: suspicious\n\nnew\nbody\n")
     assert d.envelope() == b"Fb@example.com\0Tx@example.org\0Tz@example.net\0\0"
@@ -192,7 +196,7 @@ def test_draft_edits():
 def test_draft_untouched_is_copied_byte_for_byte():
     msg = b"Received: r\nweird line\n\n\nbody\r\nwith CR\n"
     d = draft(msg)
-    d.apply([])
+    d.apply(milter.Edits())
     assert queued(d) == msg
 
 
@@ -536,3 +540,35 @@ def test_check_reports_each_milter(milters, tmp_path, monkeypatch):
                       "protocol version 6, actions 0x1ff, steps 0x%x" % ALL_NR)
     assert got[1] == (bad.address.encode(), False, "unsupported protocol version 9")
     assert got[2][1] is False and got[2][2].startswith("cannot connect: ")
+
+
+def test_a_replaced_body_is_not_held_in_memory():
+    """Replacement chunks go to a temp file as they come: 20 MB through Edits
+    leaves no trace in memory, and CRLF split across chunks still becomes LF."""
+    import tracemalloc
+    chunk = (b"z" * 998 + b"\r\n") * 65
+    edits = milter.Edits()
+    tracemalloc.start()
+    try:
+        for _ in range(20 * 1024 * 1024 // len(chunk)):
+            edits.add(b"b", chunk[:1000])
+            edits.add(b"b", chunk[1000:])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    edits.finish()
+    assert peak < 1024 * 1024, peak
+    d = draft(b"Subject: x\n\nold\n")
+    d.apply(edits)
+    out = queued(d)
+    n = 20 * 1024 * 1024 // len(chunk) * 65
+    assert len(out) == len(b"Subject: x\n\n") + n * 999 and out.endswith(b"z\n")
+    assert b"\r" not in out
+    d.close()
+
+
+def test_replacement_body_through_the_session(milters):
+    m = milters(answers={b"E": lambda d: pkt(b"b", b"one\r") + pkt(b"b", b"\ntwo\r\n") + pkt(b"c")})
+    h = harness(m)
+    transaction(h)
+    assert h.queue.last.message.endswith(b"To: x@example.org\n\none\ntwo\n")
