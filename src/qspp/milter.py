@@ -32,6 +32,8 @@ MAX_HEADERS_TOTAL = 1 << 20
 MAX_HEADER_COUNT = 2000
 MAX_EDITED_HEADERS = 4 << 20  # headers after the milters' additions
 MAX_EDITS = 16 << 20  # one milter's changes, a replaced body aside
+MAX_BODY = 1 << 30  # a replaced body (on disk)
+PATIENCE = 10  # timeouts one answer may take with progress packets
 
 # actions (SMFIF_*) qspp can carry out, offered in full
 ACTIONS = 0x1FF
@@ -43,7 +45,7 @@ P_NR_CONN, P_NR_HELO, P_NR_MAIL, P_NR_RCPT = 0x1000, 0x2000, 0x4000, 0x8000
 P_NR_DATA, P_NR_UNKN, P_NR_EOH, P_NR_BODY = 0x10000, 0x20000, 0x40000, 0x80000
 # everything but RCPT_REJ (refused recipients are never shown) and
 # HDR_LEADSPC (values go without their leading blanks, as sendmail's)
-PROTOCOL = 0xFF7FF & ~P_RCPT_REJ
+PROTOCOL = 0xFFFFF & ~P_RCPT_REJ
 
 # the steps: command byte, skip flag, no-reply flag, macro stage (SMFIM_*)
 CONNECT = (b"C", P_NOCONNECT, P_NR_CONN, 0)
@@ -111,7 +113,7 @@ def parse_line(line: bytes) -> Spec:
     kind, _, rest = address.partition(b":")
     if kind == b"inet":
         host, sep, port = rest.rpartition(b":")
-        if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        if not sep or not port.isdigit() or len(port) > 5 or not 0 < int(port) < 65536:
             raise ConfigError(b"bad milter address (inet:HOST:PORT): " + address)
     elif kind in (b"unix", b"local"):
         if not rest:
@@ -307,10 +309,13 @@ class Link:
         except OSError as e:
             raise MilterError("write error: %s" % (e.strerror or e))
 
-    def receive(self):
-        """The next packet, waiting at most the timeout."""
+    def receive(self, limit=None):
+        """The next packet, waiting at most the timeout (and never past LIMIT,
+        a time.monotonic() value)."""
         self.flush()
         deadline = time.monotonic() + self.spec.timeout
+        if limit is not None and limit < deadline:
+            deadline = limit
         while True:
             got = self.decoder.next()
             if got is not None:
@@ -560,12 +565,16 @@ class Edits:
         self.items = []
         self.size = 0
         self.body_fd = -1
+        self.body_size = 0
         self._carry = b""
 
     def add(self, cmd: bytes, data: bytes) -> None:
         if cmd == b"b":
             if self.body_fd < 0:
                 self.body_fd = _temp_file()
+            self.body_size += len(data)
+            if self.body_size > MAX_BODY:
+                raise MilterError("replaced body over 1 GiB")
             data = self._carry + data
             self._carry = b""
             if data[-1:] == b"\r":
@@ -691,9 +700,12 @@ class Milter:
         return not (step[2] & self.protocol)
 
     def answer(self, edits=None):
-        """The milter's verdict; progress waits on, edits (at end of message) collect."""
+        """The milter's verdict; edits (at end of message) collect meanwhile.
+        `progress` and each change start a new timeout, but one answer never
+        takes more than ten timeouts in all."""
+        limit = time.monotonic() + PATIENCE * self.spec.timeout
         while True:
-            cmd, data = self.link.receive()
+            cmd, data = self.link.receive(limit)
             if cmd == b"p":
                 continue
             if edits is not None and cmd in _EDITS:

@@ -572,3 +572,25 @@ def test_replacement_body_through_the_session(milters):
     h = harness(m)
     transaction(h)
     assert h.queue.last.message.endswith(b"To: x@example.org\n\none\ntwo\n")
+
+
+def test_progress_forever_still_ends(milters, monkeypatch):
+    """A milter answering end of message with `progress` every 0.3 s, forever:
+    each one starts a new timeout, but the answer is given up after PATIENCE
+    timeouts in all."""
+    import threading
+    monkeypatch.setattr(milter, "PATIENCE", 3)
+    stop = threading.Event()
+
+    def drip(data):
+        while not stop.wait(0.3):
+            yield pkt(b"p")
+    m = milters(answers={b"E": drip})
+    h = harness(m, options=b"timeout=1")
+    t = time.monotonic()
+    out = transaction(h)
+    took = time.monotonic() - t
+    stop.set()
+    assert out.endswith(TEMPFAIL)
+    assert 2.9 < took < 5, took
+    assert h.queue.queues == []

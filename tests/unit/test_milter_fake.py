@@ -4,9 +4,9 @@ Used by tests/unit/test_milter.py and tests/e2e/test_milter.py.  It listens on
 a unix socket, answers option negotiation with the version, actions and steps
 it was given, records every packet it receives per connection, and answers
 each event that expects a reply: `continue` unless `answers` holds a callable
-for that command byte, which returns the packets to send (bytes from `pkt`),
-or one of the bad-peer behaviours CLOSE (close the socket) and HANG (never
-answer).
+for that command byte, which returns the packets to send (bytes from `pkt`, or
+a generator of them, sent as they come), or one of the bad-peer behaviours
+CLOSE (close the socket) and HANG (never answer).
 """
 
 import os
@@ -130,6 +130,10 @@ class FakeMilter:
                     if out == HANG:
                         self.hang.wait(30)
                         return
+                    if hasattr(out, "__next__"):  # a generator: each piece as it comes
+                        for piece in out:
+                            conn.sendall(piece)
+                        continue
                     if out is not None:
                         conn.sendall(out)
                         continue
