@@ -13,6 +13,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
 from test_milter_fake import CLOSE, HANG, FakeMilter, pkt  # noqa: E402
 
+from .test_starttls import certs  # noqa: E402,F401  (the certificate fixture)
+
 OK = b"250 ok\r\n"
 GO = b"354 go ahead\r\n"
 TEMPFAIL = b"451 4.7.1 Service unavailable - try again later\r\n"
@@ -206,3 +208,22 @@ def test_spplog_shows_each_milter_verdict_and_time(home, smtpd, fake):
     assert b" rcpt1=<bad@example.org>:550/milter,<x@example.org>:250 " in lines[5]
     assert b" ".join(b"run%d=%s,%s,N,%s" % (n, p, v, entry)
                      for n, (p, v) in enumerate(runs, 1)) + b" end=quit" in lines[5]
+
+
+def test_tls_macros_after_starttls(home, smtpd, fake, certs):
+    from .test_starttls import starttls
+    home.control("servercert.pem", certs.pem)
+    m = fake()
+    use(home, m)
+    c = smtpd.connect()
+    c.send(b"EHLO h\r\n")
+    c.reply()
+    cipher = starttls(c).encode()
+    c.send(b"EHLO h\r\n")
+    c.reply()
+    c.queued(send(c))
+    # three HELO events (EHLO, EHLO after STARTTLS, send's HELO); the first had
+    # no TLS macros, so no macro packet at all
+    assert m.last.cmds().replace(b"D", b"")[:4] == b"OCHH"
+    helos = [d for d in m.last.data(b"D") if d[:1] == b"H"]
+    assert helos == [b"H{tls_version}\0%s\0{cipher}\0%s\0" % (c.sock.version().encode(), cipher)] * 2
