@@ -122,6 +122,8 @@ class Session:
             if self.milters is not None:
                 self.milters.connect()
             self.reply(replies.greeting(self.settings.greeting), flush=True)
+        else:
+            self.milters = None  # milters see only what the plugins let through
 
     def command(self, line: bytes) -> None:
         """One client line, without its LF (spec §4.1)."""

@@ -594,3 +594,11 @@ def test_progress_forever_still_ends(milters, monkeypatch):
     assert out.endswith(TEMPFAIL)
     assert 2.9 < took < 5, took
     assert h.queue.queues == []
+
+
+def test_a_connection_the_plugins_refused_never_reaches_the_milters(milters):
+    m = milters()
+    h = harness(m, sections={"connection": [b"c"]}, programs={b"c": lambda env: b"E554 not you\n"})
+    assert h.greeting == b"554 not you\r\n"
+    assert h.cmd(b"HELO h") == b"250 mx.example.org\r\n"
+    assert m.conversations == []
