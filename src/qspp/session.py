@@ -173,7 +173,7 @@ class Session:
         if self.milters is not None:
             refusal = self.milters.helo(arg, self.tls_version, self.tls_cipher)
             if refusal is not None:
-                self.reply(refusal, flush=True)
+                self._milter_refused(refusal)
                 return
         self.helo_name = arg
         self._close_transaction()
@@ -243,8 +243,8 @@ class Session:
         if self.milters is not None:
             refusal = self.milters.mail(sender, *self._auth_macros())
             if refusal is not None:
-                self.reply(refusal)
                 self._trail("mail", sender, refusal, b"milter")
+                self._milter_refused(refusal)
                 return
         self._close_transaction()
         self.mail_seen = True
@@ -284,8 +284,8 @@ class Session:
         if self.milters is not None:
             refusal = self.milters.rcpt(recipient)
             if refusal is not None:
-                self.reply(refusal)
                 self._trail("rcpt", recipient, refusal, b"milter")
+                self._milter_refused(refusal)
                 return
         if self.relay is not None:
             recipient += self.relay
@@ -311,8 +311,8 @@ class Session:
         if milters is not None:
             refusal = milters.data()
             if refusal is not None:
-                self.reply(refusal, flush=True)
                 self._trail("message", None, refusal, b"milter")
+                self._milter_refused(refusal)
                 return
             self.transaction = (self.sender, self.recipients)
         envelope = self._envelope()
@@ -627,11 +627,20 @@ class Session:
         verdict = self.milters.message(pieces(spool, self.engine.body_headers()), sender, shown)
         if verdict.reply is not None:
             self._end(verdict.reply, b"milter")
+            if verdict.reply[:3] == b"421":
+                self.close(0, "closed by milter")
         elif verdict.discard:
             self._end(replies.MILTER_DISCARDED, b"milter")
         else:
             return verdict.draft
         return None
+
+    def _milter_refused(self, refusal: bytes) -> None:
+        """A milter's refusal of a command; a 421 also ends the connection,
+        as under Postfix."""
+        self.reply(refusal, flush=True)
+        if refusal[:3] == b"421":
+            self.close(0, "closed by milter")
 
     def _auth_macros(self):
         """{auth_type} and {auth_authen} for the milters."""

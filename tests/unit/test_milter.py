@@ -7,7 +7,7 @@ import time
 import pytest
 
 from qspp import control, milter, replies
-from qspp.session import COMMAND
+from qspp.session import CLOSED, COMMAND
 
 try:
     from . import fakes
@@ -602,3 +602,16 @@ def test_a_connection_the_plugins_refused_never_reaches_the_milters(milters):
     assert h.greeting == b"554 not you\r\n"
     assert h.cmd(b"HELO h") == b"250 mx.example.org\r\n"
     assert m.conversations == []
+
+
+@pytest.mark.parametrize("event", [b"M", b"E"])
+def test_a_421_from_a_milter_ends_the_connection(milters, event):
+    m = milters(answers={event: lambda d: pkt(b"y", b"421 4.7.0 shutting down\0")})
+    h = harness(m)
+    if event == b"M":
+        out = h.cmds(b"HELO h", b"MAIL FROM:<a@example.com>")
+    else:
+        out = transaction(h)
+    assert out.endswith(b"421 4.7.0 shutting down\r\n")
+    assert h.state == CLOSED and h.exit_status == 0
+    assert h.queue.queues == []
