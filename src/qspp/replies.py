@@ -105,3 +105,10 @@ def tls_failed(reason: bytes) -> bytes:
 
 def spp_failure(entry: bytes, what: bytes) -> bytes:
     return b"451 qmail-spp failure: " + entry + b": " + what + b" (#4.3.0)"
+
+
+# milters (Postfix's texts for a milter's reject and tempfail, and for
+# milter_default_action); a milter's own reply text is sent as it gave it
+MILTER_REJECT = b"550 5.7.1 Command rejected"
+MILTER_TEMPFAIL = b"451 4.7.1 Service unavailable - try again later"
+MILTER_DISCARDED = b"250 ok discarded"

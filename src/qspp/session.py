@@ -53,6 +53,8 @@ class Session:
         self.clock = clock
         self.start_spool = start_spool  # (env) -> spool.Spool, for [body] plugins
         self.journal = None  # spplog.Journal when SPPLOG is set
+        self.milters = None  # milter.Milters when the connection has milters
+        self.tls_cipher = self.tls_version = None  # for the milters' macros
         # I/O the session asks for but never does itself (set by the I/O loop):
         # auth_io has .pid, .check(argv, data, env) -> None or a reply, .delay();
         # tls_io has .offered() -> bool, .context(env) -> (context, None or a 454)
@@ -117,7 +119,11 @@ class Session:
     def start(self) -> None:
         """Run the connection hook and greet (spec §3 steps 4-5)."""
         if not self._stopped(self.engine.connection()):
+            if self.milters is not None:
+                self.milters.connect()
             self.reply(replies.greeting(self.settings.greeting), flush=True)
+        else:
+            self.milters = None  # milters see only what the plugins let through
 
     def command(self, line: bytes) -> None:
         """One client line, without its LF (spec §4.1)."""
@@ -168,6 +174,11 @@ class Session:
     def _helo(self, arg: bytes, ehlo: bool) -> None:
         if self._stopped(self.engine.helo(arg, ehlo=ehlo)):
             return
+        if self.milters is not None:
+            refusal = self.milters.helo(arg, self.tls_version, self.tls_cipher)
+            if refusal is not None:
+                self._milter_refused(refusal)
+                return
         self.helo_name = arg
         self._close_transaction()
         g = self.settings.greeting
@@ -233,6 +244,12 @@ class Session:
             return
         verdict = outcome[0]
         sender = self.engine.address
+        if self.milters is not None:
+            refusal = self.milters.mail(sender, *self._auth_macros())
+            if refusal is not None:
+                self._trail("mail", sender, refusal, b"milter")
+                self._milter_refused(refusal)
+                return
         self._close_transaction()
         self.mail_seen = True
         self.sender = sender
@@ -270,6 +287,12 @@ class Session:
             self.reply(refusal)
             self._trail("rcpt", recipient, refusal, b"qmail")
             return
+        if self.milters is not None:
+            refusal = self.milters.rcpt(recipient)
+            if refusal is not None:
+                self._trail("rcpt", recipient, refusal, b"milter")
+                self._milter_refused(refusal)
+                return
         if self.relay is not None:
             recipient += self.relay
         self.envelope_size += len(recipient) + 2
@@ -293,9 +316,17 @@ class Session:
             return
         if self._stopped(self.engine.data(), "message"):
             return
+        milters = self.milters
+        if milters is not None:
+            refusal = milters.data()
+            if refusal is not None:
+                self._trail("message", None, refusal, b"milter")
+                self._milter_refused(refusal)
+                return
+            self.transaction = (self.sender, self.recipients)
         envelope = self._envelope()
         self._close_transaction()
-        if self.engine.wants_body():
+        if self.engine.wants_body() or (milters is not None and milters.wants_message()):
             # spp.md §6.1: qmail-queue starts only once [body] lets the message through
             self.spool = sink = self.start_spool(self.env)
         else:
@@ -469,6 +500,7 @@ class Session:
         self.engine.tls_started(version or b"", cipher, bits)
         self._trail("tls", "ok", version, cipher, None)
         self.tls_request = None
+        self.tls_cipher, self.tls_version = cipher, version
         self.tls = True
         self.protocol = b"ESMTPS (" + cipher + b" encrypted)"
         self.helo_name = None
@@ -491,6 +523,8 @@ class Session:
     def rset(self, arg: bytes) -> None:
         self._close_transaction()
         self.engine.reset()
+        if self.milters is not None:
+            self.milters.abort()
         self.reply(replies.FLUSHED)
 
     def noop(self, arg: bytes) -> None:
@@ -552,20 +586,66 @@ class Session:
                 return
             if self._stopped(self.engine.body(spool.reader), "message", self.reader.size):
                 return
+            draft = None
+            if self.milters is not None:
+                try:
+                    draft = self._milter_verdict(spool)
+                except OSError:
+                    self._end(cant_spool, b"qspp")
+                    return
+                if draft is None:
+                    return
             try:
                 queue = self.start_queue(self.env)
             except OSError:
                 self._end(replies.QQT_FAILURE, b"queue")
                 return
             try:
-                spool.copy_to(queue, self.engine.body_headers())
+                if draft is None:
+                    spool.copy_to(queue, self.engine.body_headers())
+                else:
+                    draft.copy_to(queue)
             except OSError:
                 queue.finish(None)
                 self._end(cant_spool, b"qspp")
                 return
-            self._end(queue.finish(self.envelope), b"queue")
+            self._end(queue.finish(self.envelope if draft is None else draft.envelope()),
+                      b"queue")
         finally:
             spool.close()
+            if self.milters is not None:
+                self.milters.end_message(draft)
+
+    def _milter_verdict(self, spool):
+        """The milters' end of message: the draft to queue, or None once the
+        reply (a refusal, or a discard's 250) is given."""
+        from .milter import pieces
+        sender, recipients = self.transaction
+        relay = self.relay
+        shown = [(r[:-len(relay)] if relay and r.endswith(relay) else r, r) for r in recipients]
+        verdict = self.milters.message(pieces(spool, self.engine.body_headers()), sender, shown)
+        if verdict.reply is not None:
+            self._end(verdict.reply, b"milter")
+            if verdict.reply[:3] == b"421":
+                self.close(0, "closed by milter")
+        elif verdict.discard:
+            self._end(replies.MILTER_DISCARDED, b"milter")
+        else:
+            return verdict.draft
+        return None
+
+    def _milter_refused(self, refusal: bytes) -> None:
+        """A milter's refusal of a command; a 421 also ends the connection,
+        as under Postfix."""
+        self.reply(refusal, flush=True)
+        if refusal[:3] == b"421":
+            self.close(0, "closed by milter")
+
+    def _auth_macros(self):
+        """{auth_type} and {auth_authen} for the milters."""
+        if not self.authenticated:
+            return None, None
+        return self._auth_method.upper(), self.remoteinfo
 
     def abort(self) -> None:
         """End a message that will not be queued: no envelope byte (spec §2.6)."""
@@ -575,6 +655,8 @@ class Session:
         if self.spool is not None:
             self.spool.close()
             self.spool = None
+        if self.milters is not None:
+            self.milters.abort()
 
 
 def _mail_size(arg: bytes) -> int:

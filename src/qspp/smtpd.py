@@ -227,6 +227,23 @@ def _startup_fatal(reply: bytes, why) -> int:
     return 1
 
 
+def _milters(settings, env):
+    """The connection's milters (milter.Milters), or None.  The milter module
+    is imported only when a milter list exists: one stat for the rest."""
+    if b"NOMILTER" in env:
+        return None
+    if not env.get(b"MILTERS"):
+        try:
+            posix.stat(b"control/smtpmilters")
+        except FileNotFoundError:
+            return None
+        except OSError:
+            pass  # milter.load reports it
+    from . import milter
+    specs = milter.load(env)  # milter.ConfigError is a control.ControlError
+    return milter.Milters(specs, settings, env) if specs else None
+
+
 def run(argv, environ) -> int:
     """One connection, fds 0/1; returns the exit status (spec §2.5)."""
     home = environ.get(b"QMAILHOME") or b"/var/qmail"
@@ -250,6 +267,7 @@ def run(argv, environ) -> int:
     try:
         settings = startup.load(env, auth_mode)
         config = sppconfig.load_config(env)
+        milters = _milters(settings, env)
     except control.ControlError as e:
         return _startup_fatal(replies.CONTROLS, str(e))
     except sppconfig.SppConfigError as e:
@@ -282,6 +300,9 @@ def run(argv, environ) -> int:
 
     session = Session(settings, env, engine, start_queue, time.time, start_spool)
     session.journal = journal
+    session.milters = milters
+    if milters is not None:
+        milters.journal = journal
     session.tls_io = _TlsIO
     if auth_mode is not None:
         session.auth_io = _AuthIO()
@@ -290,6 +311,8 @@ def run(argv, environ) -> int:
     except Fatal as err:
         session.fatal(err)
     status = Connection(session, settings.timeout).run()
+    if milters is not None:
+        milters.close()
     if journal is not None:
         journal.summary(settings, session.helo_name, session.end)
     return status
