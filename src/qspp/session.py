@@ -323,7 +323,7 @@ class Session:
                 self._trail("message", None, refusal, b"milter")
                 self._milter_refused(refusal)
                 return
-            self.transaction = (self.sender, self.recipients)
+            self.transaction = (self.sender, self._recipients())
         envelope = self._envelope()
         self._close_transaction()
         if self.engine.wants_body() or (milters is not None and milters.wants_message()):
@@ -344,6 +344,11 @@ class Session:
         self.engine.reset()
         self.reader = MessageReader(self.settings.databytes)
         self.state = DATA
+
+    def _recipients(self) -> list:
+        """The accepted recipients, read back from the envelope being built
+        (F sender \\0, then T recipient \\0 each); only milters need a list."""
+        return [t[1:] for t in bytes(self.pending_envelope).split(b"\0")[1:-1]]
 
     def _envelope(self) -> bytearray:
         """The finished envelope; handed over, not copied (a copy would double
