@@ -5,8 +5,11 @@
 
 The home is found as `qspp serve` finds it (home.py), and everything about it
 comes from diagnose.py, which also gives serve its start-up lines: the two
-agree by construction.  Then the plugin config is read as a connection reads
-it, each section's entries listed with their argv, and problems reported.
+agree by construction.  Then the milter list is read and each milter is
+connected to and negotiated with, as a connection's start does; then the
+plugin config is read as a connection reads it, each section's entries listed
+with their argv (a `policy:` entry's server is connected to once), and
+problems reported.
 SMTPD-ARGS are the arguments qspp.smtpd gets (they decide AUTH mode).
 
 Output is plain ASCII (show.py).  Exit status 1 when there is an error.
@@ -109,6 +112,7 @@ def cmd_check(args, environ, qmailhome=None, rules=None, who=None):
     _out("AUTH mode: " + how)
     if warning:
         report.add("warning", warning)
+    _milters(report, env)
 
     try:
         cfg = sppconfig.load_config(env)
@@ -200,6 +204,47 @@ def _policy_problems(pe, entry, timeout):
         return [("warning", said + " (every run takes default=%s)" % _text(pe.default))]
     from .replies import spp_failure
     return [("error", said + " (every run fails: %s)" % _q(spp_failure(entry, what)))]
+
+
+def _milters(report, env):
+    """List the connection's milters and negotiate with each one, as every
+    connection's start does; a milter that fails costs what its default= says."""
+    from . import control, milter
+    path = milter.config_path(env)
+    if path is None:
+        _out("milters: none: NOMILTER is set, no milter list is read")
+        return
+    explicit = " (from MILTERS)" if env.get(b"MILTERS") else ""
+    try:
+        specs = milter.load(env)
+        results = milter.check(env) if specs else []
+    except control.ControlError as e:
+        _out("milters: %s%s (unusable)" % (_text(path), explicit))
+        report.add("error", "%s (%s)" % (_text(str(e)), _CONTROLS_421))
+        return
+    if not specs:
+        missing = not explicit and not os.path.lexists(path)
+        _out("milters: none (%s %s)" % ("no" if missing else "no entries in", _text(path)))
+        return
+    _out("milters: %s%s" % (_text(path), explicit))
+    defaults = {s.address: s for s in specs}
+    for address, ok, said in results:
+        spec = defaults.get(address) or milter.Spec(address)
+        _out("  %s (timeout %d s, default=%s): %s%s" % (
+            _text(address), spec.timeout, _text(spec.default), "" if ok else "failed: ",
+            _text(said)))
+        if ok:
+            continue
+        if spec.default == b"accept":
+            report.add("warning", "milter %s: %s (default=accept: mail passes it unfiltered)"
+                       % (_text(address), _text(said)), path)
+        else:
+            from .replies import MILTER_REJECT, MILTER_TEMPFAIL
+            refusal = MILTER_REJECT if spec.default == b"reject" else MILTER_TEMPFAIL
+            report.add("error", "milter %s: %s (default=%s: every connection gets %s from"
+                       " its first HELO, EHLO or MAIL on)" % (_text(address), _text(said),
+                                                            _text(spec.default), _q(refusal)),
+                       path)
 
 
 def _finish(report):

@@ -294,3 +294,63 @@ def test_check_as_root_without_a_user_switch(qhome):
     else:
         assert user.startswith(b"user: qmaild (")
     assert p.returncode == 0
+
+
+# --- check connects to the milters and policy servers --------------------------
+
+from .test_milter_daemons import dkim_key, dkim_signer, world_dir  # noqa: E402,F401
+from .test_policy_daemons import postgrey  # noqa: E402,F401
+
+
+def dead_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_check_connects_to_real_milters_and_policy_servers(qhome, dkim_signer, postgrey):
+    """A real OpenDKIM and a real postgrey answer; a port nobody listens on is
+    reported for each kind, with what every connection would then get."""
+    down = dead_port()
+    (qhome / "control" / "smtpmilters").write_bytes(
+        b"inet:127.0.0.1:%d\ninet:127.0.0.1:%d timeout=2\n" % (dkim_signer.port, down))
+    (qhome / "control" / "smtpplugins").write_bytes(
+        b"[rcpt]\npolicy:inet:127.0.0.1:%d\npolicy:inet:127.0.0.1:%d default=DUNNO\n"
+        % (postgrey, down))
+    p = qspp(qhome, "check", "--user", ME)
+    assert p.stderr == b""
+    out = p.stdout.splitlines()
+    k = out.index(b"milters: control/smtpmilters")
+    assert re.fullmatch(rb"  inet:127\.0\.0\.1:%d \(timeout 30 s, default=tempfail\): protocol"
+                        rb" version 6, actions 0x[0-9a-f]+, steps 0x[0-9a-f]+" % dkim_signer.port,
+                        out[k + 1]), out[k + 1]
+    assert out[k + 2:k + 8] == [
+        b"  inet:127.0.0.1:%d (timeout 2 s, default=tempfail): failed: cannot connect:"
+        b" Connection refused" % down,
+        b"config: control/smtpplugins",
+        b"[rcpt]",
+        b"  line 2: policy:inet:127.0.0.1:%d -> policy server inet:127.0.0.1:%d"
+        % (postgrey, postgrey),
+        b"  line 3: policy:inet:127.0.0.1:%d default=DUNNO -> policy server inet:127.0.0.1:%d"
+        % (down, down),
+        b"control/smtpmilters: error: milter inet:127.0.0.1:%d: cannot connect: Connection"
+        b' refused (default=tempfail: every connection gets "451 4.7.1 Service unavailable -'
+        b' try again later" from its first HELO, EHLO or MAIL on)' % down,
+    ]
+    assert out[k + 8:] == [
+        b"control/smtpplugins:3: warning: policy:inet:127.0.0.1:%d default=DUNNO: can't"
+        b" connect (Connection refused) (every run takes default=DUNNO)" % down,
+        b"check: 1 error, 1 warning, 0 notes",
+    ]
+    assert p.returncode == 1
+    # with both servers answering, check passes
+    (qhome / "control" / "smtpmilters").write_bytes(b"inet:127.0.0.1:%d\n" % dkim_signer.port)
+    (qhome / "control" / "smtpplugins").write_bytes(b"[rcpt]\npolicy:inet:127.0.0.1:%d\n" % postgrey)
+    p = qspp(qhome, "check", "--user", ME)
+    assert p.stdout.endswith(b"\ncheck: 0 errors, 0 warnings, 0 notes\n")
+    assert p.returncode == 0
+    # NOMILTER: the list is not read, OpenDKIM not asked
+    p = qspp(qhome, "check", "--user", ME, NOMILTER="")
+    assert b"\nmilters: none: NOMILTER is set, no milter list is read\n" in p.stdout
+    assert p.returncode == 0

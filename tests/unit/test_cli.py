@@ -24,7 +24,8 @@ def home(tmp_path, monkeypatch):
     (h / "bin").mkdir()
     (h / "bin" / "qmail-queue").write_bytes(b"#!/bin/sh\nexit 0\n")
     (h / "bin" / "qmail-queue").chmod(0o755)
-    for name in ("NOSPP", "SPPCONFFILE", "SPPTIMEOUT", "SPPLOG", "QMAILQUEUE", "TLSCIPHERS"):
+    for name in ("NOSPP", "SPPCONFFILE", "SPPTIMEOUT", "SPPLOG", "QMAILQUEUE", "TLSCIPHERS",
+                 "NOMILTER", "MILTERS"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("QMAILHOME", str(h))
     monkeypatch.chdir(tmp_path)
@@ -47,7 +48,9 @@ def plugin(home, name, body, mode=0o755):
 
 
 # lines before `config:` in a home with control/me: see prelude()
-PRE = 7
+PRE = 8
+AUTH_LINE = PRE - 2
+NO_MILTERS = "milters: none (no control/smtpmilters)"
 
 
 def run(capsys, *argv):
@@ -71,7 +74,8 @@ def prelude(home, auth="off (no arguments)", timeout="60 s (default)"):
             NO_TLS,
             user_line(),
             "SPPTIMEOUT: " + timeout,
-            "AUTH mode: " + auth]
+            "AUTH mode: " + auth,
+            NO_MILTERS]
 
 
 # --- qspp check ---------------------------------------------------------------
@@ -308,7 +312,7 @@ def test_check_auth_entries_outside_auth_mode(home, capsys):
 def test_check_auth_mode_reading(home, capsys, args, how):
     config(home, b"[auth]\n:echo E535 no\n")
     status, out, _ = run(capsys, "check", *args)
-    assert out[PRE - 1] == "AUTH mode: " + how
+    assert out[AUTH_LINE] == "AUTH mode: " + how
     assert out[-1] == "check: 0 errors, 0 warnings, 0 notes"
     assert status == 0
 
@@ -316,7 +320,7 @@ def test_check_auth_mode_reading(home, capsys, args, how):
 def test_check_host_alone(home, capsys):
     config(home, b"")
     status, out, _ = run(capsys, "check", "mail.example")
-    assert out[PRE - 1] == 'AUTH mode: off: HOST "mail.example" without a checkprogram'
+    assert out[AUTH_LINE] == 'AUTH mode: off: HOST "mail.example" without a checkprogram'
     assert out[-2:] == ["warning: HOST without a checkprogram: AUTH is off"
                         " (connections log one stderr line)",
                         "check: 0 errors, 1 warning, 0 notes"]
@@ -332,7 +336,7 @@ def test_check_bare_checkprogram_on_path(home, capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(bindir))
     config(home, b"")
     status, out, _ = run(capsys, "check", "checkpw", "/bin/true")
-    assert out[PRE - 1] == ('AUTH mode: on: no HOST (the first argument has no "." and is an executable'
+    assert out[AUTH_LINE] == ('AUTH mode: on: no HOST (the first argument has no "." and is an executable'
                       ' on PATH: %s/checkpw), checkprogram ["checkpw", "/bin/true"]' % bindir)
     assert status == 0
 
@@ -340,7 +344,7 @@ def test_check_bare_checkprogram_on_path(home, capsys, monkeypatch, tmp_path):
 def test_check_dashdash_before_args(home, capsys):
     config(home, b"")
     status, out, _ = run(capsys, "check", "--", "/bin/check")
-    assert out[PRE - 1] == 'AUTH mode: on: no HOST (the first argument contains "/"), checkprogram ["/bin/check"]'
+    assert out[AUTH_LINE] == 'AUTH mode: on: no HOST (the first argument contains "/"), checkprogram ["/bin/check"]'
 
 
 def test_check_control_files(home, capsys, monkeypatch):
@@ -357,6 +361,7 @@ def test_check_control_files(home, capsys, monkeypatch):
         user_line(),
         "SPPTIMEOUT: 60 s",
         "AUTH mode: off (no arguments)",
+        NO_MILTERS,
         "config: control/smtpplugins",
         "no plugin entries",
         "error: control/me and control/smtpgreeting are both absent"
@@ -385,7 +390,7 @@ def test_check_spptimeout_zero(home, capsys, monkeypatch):
     monkeypatch.setenv("SPPTIMEOUT", "0")
     config(home, b"")
     _, out, _ = run(capsys, "check")
-    assert out[PRE - 2] == "SPPTIMEOUT: no limit (0)"
+    assert out[AUTH_LINE - 1] == "SPPTIMEOUT: no limit (0)"
 
 
 def test_check_home_missing(home, capsys, monkeypatch, tmp_path):
@@ -773,6 +778,7 @@ def test_check_newcomer_home(home, capsys):
         user_line(),
         "SPPTIMEOUT: 60 s (default)",
         "AUTH mode: off (no arguments)",
+        NO_MILTERS,
     ]
     assert out[PRE:PRE + 5] == [
         "config: control/smtpplugins",
@@ -1724,3 +1730,157 @@ def test_plugin_test_policy_entry_down(home, capsys):
         "client gets: (qmail's normal reply)",
     ]
     assert status == 0
+
+
+# --- milters in check ------------------------------------------------------------
+
+import time  # noqa: E402
+
+try:
+    from .test_milter_fake import FakeMilter  # noqa: E402
+except ImportError:
+    from test_milter_fake import FakeMilter  # noqa: E402
+
+TEMPFAIL_ERROR = ('(default=tempfail: every connection gets "451 4.7.1 Service unavailable - try'
+                  ' again later" from its first HELO, EHLO or MAIL on)')
+MILTER_LINE = PRE - 1
+
+
+def milters(home, data, name="smtpmilters"):
+    (home / "control" / name).write_bytes(data)
+
+
+def test_check_milters(home, capsys, tmp_path):
+    good = FakeMilter(tmp_path / "good.sock", version=6, protocol=0x10)
+    old = FakeMilter(tmp_path / "old.sock", version=1)
+    silent = FakeMilter(tmp_path / "silent.sock", negotiation=b"")
+    gone = tmp_path / "gone.sock"
+    dead = free_port()
+    try:
+        milters(home, b"unix:%s\nunix:%s timeout=3\nunix:%s timeout=1 default=reject\n"
+                b"unix:%s default=accept\ninet:127.0.0.1:%d\n"
+                % (bytes(good.path, "ascii"), bytes(old.path, "ascii"),
+                   bytes(silent.path, "ascii"), bytes(gone), dead))
+        started = time.monotonic()
+        status, out, err = run(capsys, "check")
+        took = time.monotonic() - started
+    finally:
+        for m in (good, old, silent):
+            m.stop()
+    assert out[MILTER_LINE:MILTER_LINE + 7] == [
+        "milters: control/smtpmilters",
+        "  unix:%s (timeout 30 s, default=tempfail): protocol version 6, actions 0x1ff,"
+        " steps 0x10" % good.path,
+        "  unix:%s (timeout 3 s, default=tempfail): failed: unsupported protocol version 1"
+        % old.path,
+        "  unix:%s (timeout 1 s, default=reject): failed: timeout" % silent.path,
+        "  unix:%s (timeout 30 s, default=accept): failed: cannot connect: No such file or"
+        " directory" % gone,
+        "  inet:127.0.0.1:%d (timeout 30 s, default=tempfail): failed: cannot connect:"
+        " Connection refused" % dead,
+        "config: control/smtpplugins (missing)",
+    ]
+    assert findings(out) == [
+        "control/smtpmilters: error: milter unix:%s: unsupported protocol version 1 %s"
+        % (old.path, TEMPFAIL_ERROR),
+        "control/smtpmilters: error: milter unix:%s: timeout (default=reject: every connection"
+        ' gets "550 5.7.1 Command rejected" from its first HELO, EHLO or MAIL on)' % silent.path,
+        "control/smtpmilters: warning: milter unix:%s: cannot connect: No such file or directory"
+        " (default=accept: mail passes it unfiltered)" % gone,
+        "control/smtpmilters: error: milter inet:127.0.0.1:%d: cannot connect: Connection"
+        " refused %s" % (dead, TEMPFAIL_ERROR),
+        "note: control/smtpplugins does not exist: no plugins",
+        "check: 3 errors, 1 warning, 1 note",
+    ]
+    assert status == 1
+    assert err == ""
+    # the silent one's own timeout bounds the wait
+    assert 1 <= took < 10
+    # each milter was negotiated with and told goodbye, nothing else
+    for m in (good, old):
+        assert all(c.closed.wait(5) for c in m.conversations)
+        assert [c.cmds() for c in m.conversations] == [b"OQ"]
+
+
+def test_check_milters_all_well(home, capsys, tmp_path):
+    m = FakeMilter(tmp_path / "m.sock", version=2, protocol=0x7F)
+    try:
+        milters(home, b"# the signer\n\nunix:%s timeout=5\n" % bytes(m.path, "ascii"))
+        status, out, _ = run(capsys, "check")
+    finally:
+        m.stop()
+    assert out[MILTER_LINE:MILTER_LINE + 2] == [
+        "milters: control/smtpmilters",
+        "  unix:%s (timeout 5 s, default=tempfail): protocol version 2, actions 0x1ff,"
+        " steps 0x7f" % m.path,
+    ]
+    assert out[-1] == "check: 0 errors, 0 warnings, 1 note"
+    assert status == 0
+
+
+def test_check_nomilter(home, capsys, tmp_path, monkeypatch):
+    m = FakeMilter(tmp_path / "m.sock")
+    try:
+        milters(home, b"unix:%s\n" % bytes(m.path, "ascii"))
+        monkeypatch.setenv("NOMILTER", "")
+        status, out, _ = run(capsys, "check")
+    finally:
+        m.stop()
+    assert out[MILTER_LINE] == "milters: none: NOMILTER is set, no milter list is read"
+    assert out[MILTER_LINE + 1].startswith("config: ")
+    assert m.conversations == []
+    assert status == 0
+
+
+def test_check_milters_file(home, capsys, tmp_path, monkeypatch):
+    m = FakeMilter(tmp_path / "m.sock")
+    try:
+        milters(home, b"unix:%s\n" % bytes(m.path, "ascii"), name="milters.special")
+        milters(home, b"inet:127.0.0.1:%d\n" % free_port())
+        monkeypatch.setenv("MILTERS", "control/milters.special")
+        status, out, _ = run(capsys, "check")
+    finally:
+        m.stop()
+    assert out[MILTER_LINE:MILTER_LINE + 3] == [
+        "milters: control/milters.special (from MILTERS)",
+        "  unix:%s (timeout 30 s, default=tempfail): protocol version 6, actions 0x1ff,"
+        " steps 0x0" % m.path,
+        "config: control/smtpplugins (missing)",
+    ]
+    assert status == 0
+    # a MILTERS file that is not there fails every connection, as an SPPCONFFILE does
+    monkeypatch.setenv("MILTERS", "control/nosuch")
+    status, out, _ = run(capsys, "check")
+    assert out[MILTER_LINE] == "milters: control/nosuch (from MILTERS) (unusable)"
+    assert findings(out)[0] == ("error: unable to read control/nosuch: No such file or directory"
+                                " (connections get 421 unable to read controls (#4.3.0))")
+    assert status == 1
+
+
+@pytest.mark.parametrize("data, why", [
+    (b"unix:/x timeout=soon\n", "bad milter option: timeout=soon"),
+    (b"tcp:127.0.0.1:25\n", "bad milter address (inet: or unix:): tcp:127.0.0.1:25"),
+    (b"inet:127.0.0.1\n", "bad milter address (inet:HOST:PORT): inet:127.0.0.1"),
+])
+def test_check_bad_milter_list(home, capsys, data, why):
+    milters(home, data)
+    status, out, _ = run(capsys, "check")
+    assert out[MILTER_LINE] == "milters: control/smtpmilters (unusable)"
+    assert findings(out)[0] == ("error: control/smtpmilters: %s (connections get 421 unable to"
+                                " read controls (#4.3.0))" % why)
+    assert status == 1
+
+
+def test_check_empty_milter_list(home, capsys):
+    milters(home, b"# none yet\n\n")
+    status, out, _ = run(capsys, "check")
+    assert out[MILTER_LINE] == "milters: none (no entries in control/smtpmilters)"
+    assert status == 0
+
+
+def test_check_unreadable_milter_list(home, capsys):
+    (home / "control" / "smtpmilters").mkdir()
+    status, out, _ = run(capsys, "check")
+    assert findings(out)[0] == ("error: unable to read control/smtpmilters: Is a directory"
+                                " (connections get 421 unable to read controls (#4.3.0))")
+    assert status == 1
