@@ -1750,23 +1750,31 @@ def milters(home, data, name="smtpmilters"):
     (home / "control" / name).write_bytes(data)
 
 
-def test_check_milters(home, capsys, tmp_path):
-    good = FakeMilter(tmp_path / "good.sock", version=6, protocol=0x10)
-    old = FakeMilter(tmp_path / "old.sock", version=1)
-    silent = FakeMilter(tmp_path / "silent.sock", negotiation=b"")
+@pytest.fixture
+def fake(tmp_path, request):
+    """FakeMilter(tmp_path / NAME, **kw), each stopped at the end of the test."""
+    def make(name, **kw):
+        m = FakeMilter(tmp_path / name, **kw)
+        request.addfinalizer(m.stop)
+        return m
+    return make
+
+
+def at(m):
+    return b"unix:" + m.path.encode()
+
+
+def test_check_milters(home, capsys, tmp_path, fake):
+    good = fake("good.sock", version=6, protocol=0x10)
+    old = fake("old.sock", version=1)
+    silent = fake("silent.sock", negotiation=b"")
     gone = tmp_path / "gone.sock"
     dead = free_port()
-    try:
-        milters(home, b"unix:%s\nunix:%s timeout=3\nunix:%s timeout=1 default=reject\n"
-                b"unix:%s default=accept\ninet:127.0.0.1:%d\n"
-                % (bytes(good.path, "ascii"), bytes(old.path, "ascii"),
-                   bytes(silent.path, "ascii"), bytes(gone), dead))
-        started = time.monotonic()
-        status, out, err = run(capsys, "check")
-        took = time.monotonic() - started
-    finally:
-        for m in (good, old, silent):
-            m.stop()
+    milters(home, b"%s\n%s timeout=3\n%s timeout=1 default=reject\nunix:%s default=accept\n"
+            b"inet:127.0.0.1:%d\n" % (at(good), at(old), at(silent), bytes(gone), dead))
+    started = time.monotonic()
+    status, out, err = run(capsys, "check")
+    took = time.monotonic() - started
     assert out[MILTER_LINE:MILTER_LINE + 7] == [
         "milters: control/smtpmilters",
         "  unix:%s (timeout 30 s, default=tempfail): protocol version 6, actions 0x1ff,"
@@ -1802,13 +1810,10 @@ def test_check_milters(home, capsys, tmp_path):
         assert [c.cmds() for c in m.conversations] == [b"OQ"]
 
 
-def test_check_milters_all_well(home, capsys, tmp_path):
-    m = FakeMilter(tmp_path / "m.sock", version=2, protocol=0x7F)
-    try:
-        milters(home, b"# the signer\n\nunix:%s timeout=5\n" % bytes(m.path, "ascii"))
-        status, out, _ = run(capsys, "check")
-    finally:
-        m.stop()
+def test_check_milters_all_well(home, capsys, fake):
+    m = fake("m.sock", version=2, protocol=0x7F)
+    milters(home, b"# the signer\n\n%s timeout=5\n" % at(m))
+    status, out, _ = run(capsys, "check")
     assert out[MILTER_LINE:MILTER_LINE + 2] == [
         "milters: control/smtpmilters",
         "  unix:%s (timeout 5 s, default=tempfail): protocol version 2, actions 0x1ff,"
@@ -1818,29 +1823,23 @@ def test_check_milters_all_well(home, capsys, tmp_path):
     assert status == 0
 
 
-def test_check_nomilter(home, capsys, tmp_path, monkeypatch):
-    m = FakeMilter(tmp_path / "m.sock")
-    try:
-        milters(home, b"unix:%s\n" % bytes(m.path, "ascii"))
-        monkeypatch.setenv("NOMILTER", "")
-        status, out, _ = run(capsys, "check")
-    finally:
-        m.stop()
+def test_check_nomilter(home, capsys, monkeypatch, fake):
+    m = fake("m.sock")
+    milters(home, at(m) + b"\n")
+    monkeypatch.setenv("NOMILTER", "")
+    status, out, _ = run(capsys, "check")
     assert out[MILTER_LINE] == "milters: none: NOMILTER is set, no milter list is read"
     assert out[MILTER_LINE + 1].startswith("config: ")
     assert m.conversations == []
     assert status == 0
 
 
-def test_check_milters_file(home, capsys, tmp_path, monkeypatch):
-    m = FakeMilter(tmp_path / "m.sock")
-    try:
-        milters(home, b"unix:%s\n" % bytes(m.path, "ascii"), name="milters.special")
-        milters(home, b"inet:127.0.0.1:%d\n" % free_port())
-        monkeypatch.setenv("MILTERS", "control/milters.special")
-        status, out, _ = run(capsys, "check")
-    finally:
-        m.stop()
+def test_check_milters_file(home, capsys, monkeypatch, fake):
+    m = fake("m.sock")
+    milters(home, at(m) + b"\n", name="milters.special")
+    milters(home, b"inet:127.0.0.1:%d\n" % free_port())
+    monkeypatch.setenv("MILTERS", "control/milters.special")
+    status, out, _ = run(capsys, "check")
     assert out[MILTER_LINE:MILTER_LINE + 3] == [
         "milters: control/milters.special (from MILTERS)",
         "  unix:%s (timeout 30 s, default=tempfail): protocol version 6, actions 0x1ff,"
