@@ -162,11 +162,16 @@ def cmd_check(args, environ, qmailhome=None, rules=None, who=None):
             where = ("line %d: " % lineno) if lineno else ""
             pe = sppconfig.policy_entry(entry)
             if pe is not None:
-                _out("  %s%s -> policy server %s" % (where, _text(entry), _text(pe.server)))
-                # an unusable entry is already one of cfg.notes
-                if pe.error is None:
-                    found += [(lineno or 0, kind, text)
-                              for kind, text in _policy_problems(pe, entry, timeout)]
+                listed = "  %s%s -> policy server %s" % (where, _text(entry), _text(pe.server))
+                # an unusable entry is already one of cfg.notes: nothing to connect to
+                if pe.error is not None:
+                    _out(listed)
+                    continue
+                failed = _policy_probe(pe, timeout)
+                _out(listed + (": connected" if failed is None else
+                               ": failed: " + _policy_failure(failed)))
+                found += [(lineno or 0, kind, text)
+                          for kind, text in _policy_problems(pe, entry, failed)]
                 continue
             _out("  %s%s -> %s" % (where, _text(entry), _argv(sppconfig.entry_argv(entry))))
             if entry[:1] == b":":
@@ -192,14 +197,23 @@ def cmd_check(args, environ, qmailhome=None, rules=None, who=None):
 POLICY_PROBE_SECONDS = 5
 
 
-def _policy_problems(pe, entry, timeout):
-    """Connect to a `policy:` entry's server once, as a session's first run does."""
+def _policy_probe(pe, timeout):
+    """Connect to a `policy:` entry's server once, as a session's first run does:
+    None, or (WHAT, detail)."""
     from . import policy
-    failed = policy.probe(pe, min(timeout or POLICY_PROBE_SECONDS, POLICY_PROBE_SECONDS))
+    return policy.probe(pe, min(timeout or POLICY_PROBE_SECONDS, POLICY_PROBE_SECONDS))
+
+
+def _policy_failure(failed):
+    what, detail = failed
+    return _text(what) + (" (%s)" % _text(detail) if detail else "")
+
+
+def _policy_problems(pe, entry, failed):
     if failed is None:
         return []
-    what, detail = failed
-    said = "%s: %s%s" % (_text(entry), _text(what), " (%s)" % _text(detail) if detail else "")
+    what = failed[0]
+    said = "%s: %s" % (_text(entry), _policy_failure(failed))
     if pe.default is not None:
         return [("warning", said + " (every run takes default=%s)" % _text(pe.default))]
     from .replies import spp_failure
@@ -227,9 +241,9 @@ def _milters(report, env):
         _out("milters: none (%s %s)" % ("no" if missing else "no entries in", _text(path)))
         return
     _out("milters: %s%s" % (_text(path), explicit))
-    defaults = {s.address: s for s in specs}
+    by_address = {s.address: s for s in specs}
     for address, ok, said in results:
-        spec = defaults.get(address) or milter.Spec(address)
+        spec = by_address.get(address) or milter.Spec(address)
         _out("  %s (timeout %d s, default=%s): %s%s" % (
             _text(address), spec.timeout, _text(spec.default), "" if ok else "failed: ",
             _text(said)))

@@ -330,10 +330,10 @@ def test_check_connects_to_real_milters_and_policy_servers(qhome, dkim_signer, p
         b" Connection refused" % down,
         b"config: control/smtpplugins",
         b"[rcpt]",
-        b"  line 2: policy:inet:127.0.0.1:%d -> policy server inet:127.0.0.1:%d"
+        b"  line 2: policy:inet:127.0.0.1:%d -> policy server inet:127.0.0.1:%d: connected"
         % (postgrey, postgrey),
-        b"  line 3: policy:inet:127.0.0.1:%d default=DUNNO -> policy server inet:127.0.0.1:%d"
-        % (down, down),
+        b"  line 3: policy:inet:127.0.0.1:%d default=DUNNO -> policy server inet:127.0.0.1:%d:"
+        b" failed: can't connect (Connection refused)" % (down, down),
         b"control/smtpmilters: error: milter inet:127.0.0.1:%d: cannot connect: Connection"
         b' refused (default=tempfail: every connection gets "451 4.7.1 Service unavailable -'
         b' try again later" from its first HELO, EHLO or MAIL on)' % down,

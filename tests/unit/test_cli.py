@@ -1670,11 +1670,12 @@ def test_check_policy_entries(home, capsys):
     assert out[PRE:PRE + 5] == [
         "config: control/smtpplugins",
         "[mail]",
-        "  line 2: policy:inet:127.0.0.1:%d -> policy server inet:127.0.0.1:%d"
+        "  line 2: policy:inet:127.0.0.1:%d -> policy server inet:127.0.0.1:%d: connected"
         % (server.port, server.port),
-        "  line 3: policy:inet:127.0.0.1:%d -> policy server inet:127.0.0.1:%d" % (dead, dead),
-        "  line 4: policy:inet:127.0.0.1:%d default=DUNNO -> policy server inet:127.0.0.1:%d"
-        % (dead, dead),
+        "  line 3: policy:inet:127.0.0.1:%d -> policy server inet:127.0.0.1:%d: failed: can't"
+        " connect (Connection refused)" % (dead, dead),
+        "  line 4: policy:inet:127.0.0.1:%d default=DUNNO -> policy server inet:127.0.0.1:%d:"
+        " failed: can't connect (Connection refused)" % (dead, dead),
     ]
     assert findings(out) == [
         "control/smtpplugins:3: error: policy:inet:127.0.0.1:%d: can't connect (Connection"
