@@ -155,11 +155,19 @@ def parse_args(argv):
 # ---------------------------------------------------------------------------
 # the home
 
-def embedded_home_path(environ) -> bytes:
+class SetupError(Exception):
+    """A start-up refusal; its text is the whole explanation."""
+
+
+def embedded_home_path(environ, system=False) -> bytes:
+    """Where the embedded home lives; SYSTEM: root starting sessions as another user."""
     xdg = environ.get(b"XDG_DATA_HOME")
     # the XDG spec: a relative value is invalid and must be ignored
     if xdg and xdg.startswith(b"/"):
         return os.path.join(xdg, b"qspp")
+    if system:
+        # root's ~ is 0700: the session user could not enter a home under it
+        return b"/var/lib/qspp"
     home = environ.get(b"HOME") or os.path.expanduser(b"~")
     return os.path.join(home, b".local", b"share", b"qspp")
 
@@ -176,42 +184,201 @@ def _queue_script() -> bytes:
             "exec %s -I -c %s\n" % (shlex.quote(sys.executable), shlex.quote(code))).encode()
 
 
-def _write_if_missing(path: bytes, data: bytes) -> None:
+# Everything below the home is opened relative to a directory fd and never
+# through a symbolic link: this code often runs as root, and a link planted
+# by a less privileged user must not make root write or chown somewhere else.
+_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _subdir(parent_fd, name: bytes, mode: int) -> int:
+    """Open directory NAME under PARENT_FD, created with exactly MODE when missing."""
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        os.mkdir(name, mode, dir_fd=parent_fd)
+        created = True
+    except FileExistsError:
+        created = False
+    fd = os.open(name, _DIR, dir_fd=parent_fd)
+    if created:
+        os.fchmod(fd, mode)  # the umask must not take the session user's access away
+    return fd
+
+
+def _check_private(fd, shown: bytes) -> None:
+    """Refuse a directory that someone other than us (or root) could write into."""
+    st = os.fstat(fd)
+    if st.st_mode & 0o022:
+        raise SetupError("%s is writable by others than its owner (mode %04o); refusing to"
+                         " use it" % (os.fsdecode(shown), st.st_mode & 0o7777))
+    euid = os.geteuid()
+    if st.st_uid not in (0, euid):
+        if euid == 0:
+            raise SetupError("%s belongs to uid %d, not to root; refusing to use it as root"
+                             % (os.fsdecode(shown), st.st_uid))
+        raise SetupError("%s belongs to uid %d; refusing to use it as uid %d"
+                         % (os.fsdecode(shown), st.st_uid, euid))
+
+
+def _write_if_missing(dir_fd, name: bytes, data: bytes) -> None:
+    try:
+        fd = os.open(name, _NEW_FILE, 0o644, dir_fd=dir_fd)
     except FileExistsError:
         return
     with os.fdopen(fd, "wb") as f:
+        os.fchmod(fd, 0o644)
         f.write(data)
 
 
-def make_embedded_home(home: bytes) -> "tuple[bytes, bool]":
-    """Create what is missing of the embedded home; (queue program, created?)."""
-    created = not os.path.isdir(os.path.join(home, b"control"))
-    for sub in (b"control", b"bin"):
-        os.makedirs(os.path.join(home, sub), exist_ok=True)
-    for sub in (b"", b"/tmp", b"/new", b"/cur"):
-        os.makedirs(os.path.join(home, b"Maildir") + sub, mode=0o700, exist_ok=True)
-    me = socket.gethostname().encode("ascii", "replace") or b"localhost"
-    _write_if_missing(os.path.join(home, b"control", b"me"), me + b"\n")
-    hosts = [me] + ([b"localhost"] if me != b"localhost" else [])
-    _write_if_missing(os.path.join(home, b"control", b"rcpthosts"),
-                      b"".join(h + b"\n" for h in hosts))
-    _write_if_missing(os.path.join(home, b"control", b"smtpplugins"), b"")
-    queue = os.path.join(home, b"bin", b"qmail-queue")
+def _install_queue(bin_fd) -> None:
     script = _queue_script()
     try:
-        with open(queue, "rb") as f:
-            same = f.read() == script
+        fd = os.open(b"qmail-queue", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=bin_fd)
+        with os.fdopen(fd, "rb") as f:
+            if f.read() == script:
+                return
     except OSError:
-        same = False
-    if not same:
-        tmp = queue + b".new"
-        with open(tmp, "wb") as f:
-            f.write(script)
-        os.chmod(tmp, 0o755)
-        os.rename(tmp, queue)
-    return queue, created
+        pass
+    try:
+        os.unlink(b"qmail-queue.new", dir_fd=bin_fd)  # a leftover, or a planted link
+    except FileNotFoundError:
+        pass
+    fd = os.open(b"qmail-queue.new", _NEW_FILE, 0o755, dir_fd=bin_fd)
+    with os.fdopen(fd, "wb") as f:
+        os.fchmod(fd, 0o755)
+        f.write(script)
+    os.rename(b"qmail-queue.new", b"qmail-queue", src_dir_fd=bin_fd, dst_dir_fd=bin_fd)
+
+
+def make_embedded_home(home: bytes, owner=None) -> "tuple[bytes, bool]":
+    """Create what is missing of the embedded home; (queue program, created?).
+
+    OWNER, (uid, gid) of the session user when root switches users: the
+    Maildir is theirs, everything else stays root's and read-only to them.
+    """
+    os.makedirs(os.path.dirname(home) or b"/", 0o755, exist_ok=True)
+    try:
+        os.mkdir(home, 0o755)
+        made_top = True
+    except FileExistsError:
+        made_top = False
+    fds = []
+    try:
+        top = os.open(home, _DIR & ~os.O_NOFOLLOW)  # the admin's chosen path may be a link
+        fds.append(top)
+        if made_top:
+            os.fchmod(top, 0o755)
+        _check_private(top, home)
+        try:
+            os.stat(b"control", dir_fd=top, follow_symlinks=False)
+            created = False
+        except FileNotFoundError:
+            created = True
+        control = _subdir(top, b"control", 0o755)
+        fds.append(control)
+        _check_private(control, os.path.join(home, b"control"))
+        bin_fd = _subdir(top, b"bin", 0o755)
+        fds.append(bin_fd)
+        _check_private(bin_fd, os.path.join(home, b"bin"))
+        maildir = _subdir(top, b"Maildir", 0o700)
+        fds.append(maildir)
+        boxes = [maildir]
+        for sub in (b"tmp", b"new", b"cur"):
+            boxes.append(_subdir(maildir, sub, 0o700))
+            fds.append(boxes[-1])
+        if owner is not None:
+            for fd in boxes:
+                st = os.fstat(fd)
+                if (st.st_uid, st.st_gid) != owner:
+                    os.fchown(fd, *owner)
+                    os.fchmod(fd, 0o700)
+        me = socket.gethostname().encode("ascii", "replace") or b"localhost"
+        _write_if_missing(control, b"me", me + b"\n")
+        hosts = [me] + ([b"localhost"] if me != b"localhost" else [])
+        _write_if_missing(control, b"rcpthosts", b"".join(h + b"\n" for h in hosts))
+        _write_if_missing(control, b"smtpplugins", b"")
+        _install_queue(bin_fd)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    return os.path.join(home, b"bin", b"qmail-queue"), created
+
+
+def unreachable(path: bytes, uid: int, gid: int) -> "str | None":
+    """The first directory on PATH that UID (group GID only) may not search, as text."""
+    path = os.path.abspath(path)
+    parts = path.split(b"/")
+    for i in range(1, len(parts) + 1):
+        d = b"/".join(parts[:i]) or b"/"
+        try:
+            st = os.stat(d)
+        except FileNotFoundError:
+            return None  # created later, by root, with mode 0755
+        if st.st_uid == uid:
+            ok = st.st_mode & 0o100
+        elif st.st_gid == gid:
+            ok = st.st_mode & 0o010
+        else:
+            ok = st.st_mode & 0o001
+        if not ok:
+            return "%s (mode %04o)" % (os.fsdecode(d), st.st_mode & 0o7777)
+    return None
+
+
+def _check_runnable(uid, gid, name) -> None:
+    """The embedded queue program runs this interpreter and package as UID."""
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for what, path in (("interpreter", os.path.realpath(sys.executable)),
+                       ("package", package_root)):
+        blocked = unreachable(os.fsencode(os.path.dirname(path)), uid, gid)
+        if blocked is not None:
+            raise SetupError("user %s (uid %d) cannot run qspp's queue program: its %s %s is"
+                             " behind %s; install qspp where that user can reach it"
+                             % (name or uid, uid, what, path, blocked))
+
+
+def switch_ids(ns) -> "tuple[int, int, str] | None":
+    """(uid, gid, user name) the sessions run as after the switch; None without one."""
+    import pwd
+    uid, gid, name = ns.uid, ns.gid, ns.user
+    if name is not None:
+        try:
+            pw = pwd.getpwnam(name)
+        except KeyError:
+            raise SetupError("no such user: %s" % name) from None
+        uid = pw.pw_uid if uid is None else uid
+        gid = pw.pw_gid if gid is None else gid
+    elif uid is not None:
+        try:
+            pw = pwd.getpwuid(uid)
+        except KeyError:
+            pw = None
+        if gid is None:
+            # tcpserver -u alone keeps root's group 0: every session would be
+            # in the root group.  Take the user's own, as envuidgid does.
+            if pw is None:
+                raise SetupError("-u %d has no passwd entry to take a group from; give -g too"
+                                 % uid)
+            gid = pw.pw_gid
+        name = pw.pw_name if pw is not None else None
+    if uid is None and gid is None:
+        return None
+    return uid, gid, name
+
+
+def _who(ids) -> bytes:
+    """`user NAME (uid U, gid G)` of the process that writes the mail."""
+    if ids is None or ids[0] is None:
+        import pwd
+        uid, gid = os.geteuid(), os.getegid()
+        try:
+            name = pwd.getpwuid(uid).pw_name
+        except KeyError:
+            name = None
+    else:
+        uid, gid, name = ids
+        gid = os.getegid() if gid is None else gid
+    user = b"user %s " % os.fsencode(name) if name else b""
+    return b"%s(uid %d, gid %d)" % (user, uid, gid)
 
 
 def choose_home(ns, environ) -> "tuple[bytes, dict]":
@@ -222,14 +389,29 @@ def choose_home(ns, environ) -> "tuple[bytes, dict]":
         return os.path.abspath(environ[b"QMAILHOME"]), {}
     if os.path.exists(b"/var/qmail/control/me"):
         return b"/var/qmail", {}
-    home = os.path.abspath(embedded_home_path(environ))
-    queue, created = make_embedded_home(home)
+    ids = switch_ids(ns)
+    switching = ids is not None and os.geteuid() == 0
+    home = os.path.abspath(embedded_home_path(environ, system=switching))
+    owner = None
+    if switching:
+        uid = os.geteuid() if ids[0] is None else ids[0]
+        gid = os.getegid() if ids[1] is None else ids[1]
+        blocked = unreachable(home, uid, gid)
+        if blocked is not None:
+            raise SetupError("user %s (uid %d) cannot reach %s: %s; give --qmailhome or"
+                             " XDG_DATA_HOME a place it can reach"
+                             % (ids[2] or uid, uid, os.fsdecode(home), blocked))
+        owner = (uid, gid)
+        if not environ.get(b"QMAILQUEUE"):
+            _check_runnable(uid, gid, ids[2])
+    queue, created = make_embedded_home(home, owner)
     extra = {}
     if not environ.get(b"QMAILQUEUE"):
         extra[b"QMAILQUEUE"] = queue
     maildir = environ.get(b"QSPP_MAILDIR") or os.path.join(home, b"Maildir")
-    log(b"serve: embedded home %s%s; mail is delivered to %s" % (
-        home, b" (created)" if created else b"", os.path.join(maildir, b"new")))
+    log(b"serve: embedded home %s%s; mail is delivered to %s by %s" % (
+        home, b" (created)" if created else b"", os.path.join(maildir, b"new"),
+        _who(ids if switching else None)))
     return home, extra
 
 
@@ -577,15 +759,13 @@ def _ensure_std_fds():
 
 def drop_privileges(ns) -> None:
     """tcpserver's prot_gid then prot_uid: the group list becomes the one gid."""
-    uid, gid = ns.uid, ns.gid
-    if ns.user is not None:
-        import pwd
-        try:
-            pw = pwd.getpwnam(ns.user)
-        except KeyError:
-            raise OSError("no such user: %s" % ns.user) from None
-        uid = pw.pw_uid if uid is None else uid
-        gid = pw.pw_gid if gid is None else gid
+    try:
+        ids = switch_ids(ns)
+    except SetupError as e:
+        raise OSError(str(e)) from None
+    if ids is None:
+        return
+    uid, gid, _ = ids
     if gid is not None:
         os.setgroups([gid])
         os.setgid(gid)
@@ -613,7 +793,7 @@ def main(argv=None, environ=None) -> int:
     _ensure_std_fds()
     try:
         home, extra = choose_home(ns, environ)
-    except OSError as e:
+    except (OSError, SetupError) as e:
         log("serve: cannot set up the embedded home: %s" % e)
         return 111
     if not os.path.isdir(home):

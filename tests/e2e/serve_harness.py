@@ -22,7 +22,8 @@ LISTENING_RE = re.compile(rb"qspp: pid (\d+): serve: listening on 127\.0\.0\.1 p
 
 
 class ServeServer:
-    def __init__(self, home, base, *args, env=None, qmailhome=True):
+    def __init__(self, home, base, *args, env=None, qmailhome=True, python=PYTHON):
+        self.python = python
         self.home = home
         self.base = base
         base.mkdir(parents=True, exist_ok=True)
@@ -39,7 +40,7 @@ class ServeServer:
         return self.proc.pid
 
     def command(self):
-        cmd = [PYTHON, "-m", "qspp", "serve", "--host", "127.0.0.1", "--port", "0"]
+        cmd = [self.python, "-m", "qspp", "serve", "--host", "127.0.0.1", "--port", "0"]
         if self.qmailhome:
             cmd += ["--qmailhome", str(self.home.root)]
         smtpd_args = []

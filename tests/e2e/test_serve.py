@@ -338,8 +338,10 @@ def test_embedded_default_home(home, tmp_path):
     try:
         s.start(timeout=20)
         qhome = xdg / "qspp"
-        s.wait_line(rb"serve: embedded home %s \(created\); mail is delivered to %s/Maildir/new$"
-                    % (re.escape(os.fsencode(qhome)), re.escape(os.fsencode(qhome))))
+        s.wait_line(rb"serve: embedded home %s \(created\); mail is delivered to %s/Maildir/new"
+                    rb" by (user \S+ )?\(uid %d, gid %d\)$"
+                    % (re.escape(os.fsencode(qhome)), re.escape(os.fsencode(qhome)),
+                       os.geteuid(), os.getegid()))
         me = (qhome / "control" / "me").read_bytes()
         assert (qhome / "control" / "rcpthosts").read_bytes() == me + b"localhost\n"
         assert (qhome / "control" / "smtpplugins").read_bytes() == b""
