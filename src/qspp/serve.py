@@ -3,7 +3,7 @@
     qspp serve [--host IP] [--port N] [--concurrency N] [--rules FILE.cdb]
                [--qmailhome DIR] [--localname NAME] [--resolve] [--grace S]
                [--backlog N] [--log text|json|off] [-u UID] [-g GID] [--user NAME]
-               [-- SMTPD-ARGS ...]
+               [--per-ip N] [--max-session-time SECONDS] [-- SMTPD-ARGS ...]
 
 The parent imports everything a session needs once, then forks one child per
 connection.  The child is what tcpserver's child plus `python -m qspp.smtpd`
@@ -16,6 +16,11 @@ parent's memory, so no session can see another's state.
 
 As tcpserver -c, at most --concurrency children run; at the limit the parent
 stops accepting and new clients wait in the kernel's backlog.
+
+--per-ip: at most N sessions per client address (default 20); one more is
+closed with nothing sent and one line logged.  --max-session-time: a session's
+whole life (default 1200 s); past it the session ends at its next wait for the
+client, with netqmail's timeout reply.
 
 --rules: looked up as `tcpserver -x` does (see tcprules.py); a denied client is
 closed at once with nothing sent.  The cdb is re-read when it changes (tcprules
@@ -34,7 +39,10 @@ created on first use as a receiver for this host that delivers into its
 Maildir with qspp's own queue program (qspp.maildirqueue).
 
 -u UID, -g GID (or --user NAME): switch after binding, so port 25 can be
-bound as root while no session ever runs as root (tcpserver -u -g).
+bound as root while no session ever runs as root (tcpserver -u -g).  -u alone
+takes that user's primary group; root's group 0 is never kept by accident.
+Root switching users gets its embedded home in /var/lib/qspp (unless
+XDG_DATA_HOME says otherwise), with the Maildir owned by the session user.
 
 Arguments after `--` are qspp.smtpd's arguments (HOST CHECKPROGRAM ... for
 AUTH), given to every session.
@@ -59,6 +67,15 @@ from .tcprules import Rules, RulesError, signature
 
 PROG = "qspp serve"
 DEFAULT_GRACE = 30.0
+# A session's whole life, whatever timeoutsmtpd says about each read: a client
+# sending a byte now and then would otherwise keep its slot for ever.  Twenty
+# minutes (qmail's own timeoutsmtpd for a single read) carries a 50 MB message
+# over a 512 kbit/s line.
+DEFAULT_SESSION_TIME = 1200.0
+# Sessions one client address may hold at once.  A big sender opens up to a
+# dozen or so connections to one MX; Postfix's smtpd_client_connection_count_limit
+# is 50 of its 100 processes.  20 is half of the default -c 40.
+DEFAULT_PER_IP = 20
 KILL_WAIT = 2.0
 # Variables tcpserver sets or unsets for every connection: what the parent's
 # own environment holds under these names must not reach a session.
@@ -90,6 +107,7 @@ def _int_option(what, low, high=None):
 
 
 _positive = _int_option("must be at least 1", 1)
+_count = _int_option("must not be negative", 0)
 _port = _int_option("not a port number", 0, 65535)
 _id = _int_option("not a numeric id", 0)
 
@@ -115,6 +133,13 @@ def parser():
                    help="TCP port (default 2525; 0 picks a free one, logged at startup)")
     p.add_argument("-c", "--concurrency", type=_positive, default=40, metavar="N",
                    help="at most N sessions at once, as tcpserver -c (default 40)")
+    p.add_argument("--per-ip", type=_count, default=DEFAULT_PER_IP, metavar="N",
+                   help="at most N sessions from one client address; more are closed"
+                   " with nothing sent and logged (default 20; 0 = no limit)")
+    p.add_argument("--max-session-time", type=_seconds, default=DEFAULT_SESSION_TIME,
+                   metavar="SECONDS",
+                   help="a session still open after SECONDS gets qmail's 451 timeout at"
+                   " its next wait for the client and ends (default 1200; 0 = no limit)")
     p.add_argument("-x", "--rules", metavar="FILE.cdb",
                    help="tcprules cdb, looked up as tcpserver -x does")
     p.add_argument("--qmailhome", metavar="DIR",
@@ -456,6 +481,39 @@ def _reset_signals() -> None:
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
 
 
+def _limit_session_time(seconds, remote, log_mode) -> None:
+    """After SECONDS, end the session at its next wait for the client.
+
+    The end comes only where the client is being waited for, never while a
+    plugin or the queue program runs: there the alarm is put off, so a
+    message being queued is never cut between qmail-queue's answer and the
+    reply.  Waiting to read, the client gets netqmail's timeout reply.
+    """
+    if not seconds:
+        return
+    read_wait = smtpd.Connection._raw_read.__code__
+    write_wait = smtpd.Connection._raw_write.__code__
+
+    def expired(signum, frame):
+        code = frame.f_code if frame is not None else None
+        if code is not read_wait and code is not write_wait:
+            signal.setitimer(signal.ITIMER_REAL, 0.25)
+            return
+        if log_mode == "json":
+            import json
+            log(json.dumps({"event": "serve-session-time", "ip": remote[0], "port": remote[1],
+                            "seconds": seconds}, separators=(",", ":")))
+        elif log_mode == "text":
+            log("serve: session time limit (%g s) reached: %s port %d"
+                % (seconds, remote[0], remote[1]))
+        if code is read_wait:
+            raise smtpd._Timeout()
+        raise smtpd._Exit(1, "session time")  # the client is not reading: nothing to say
+
+    signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+
+
 def child(server, conn, remote) -> int:
     """Everything after fork; returns the exit status."""
     _reset_signals()
@@ -486,6 +544,7 @@ def child(server, conn, remote) -> int:
                     log(b"serve: deny %s port %d (rule \"%s\")" % (ip, remote[1], rule.key))
                 return 100  # tcpserver's status; the close sends nothing
             rule.apply(env)
+    _limit_session_time(server.session_time, remote, server.log_mode)
     fd = conn.detach()
     os.dup2(fd, 0)
     os.dup2(fd, 1)
@@ -500,6 +559,10 @@ def child(server, conn, remote) -> int:
 class Server:
     def __init__(self, ns, base_env, rules_path):
         self.limit = ns.concurrency
+        self.per_ip = ns.per_ip
+        self.session_time = ns.max_session_time
+        self.ip_of = {}         # pid -> client address, for the per-ip count
+        self.sessions_from = {}  # client address -> sessions running
         self.grace = ns.grace
         self.localname = os.fsencode(ns.localname) if ns.localname is not None else None
         self.resolve = ns.resolve
@@ -648,9 +711,39 @@ class Server:
                 continue
             if pid == 0:
                 return
-            self.children.pop(pid, None)
+            self.forget(pid)
             if os.WIFSIGNALED(status) and not self.stopping:
                 log("serve: session %d killed by signal %d" % (pid, os.WTERMSIG(status)))
+
+    def forget(self, pid):
+        self.children.pop(pid, None)
+        ip = self.ip_of.pop(pid, None)
+        if ip is not None:
+            n = self.sessions_from[ip] - 1
+            if n:
+                self.sessions_from[ip] = n
+            else:
+                del self.sessions_from[ip]
+
+    def over_limit(self, conn, remote) -> bool:
+        """Close a client whose address already has --per-ip sessions (finding 10).
+
+        Closed with nothing sent, as tcpserver closes a denied client: no reply
+        text netqmail never sends, and a sending MTA retries later as it would
+        after a 421.  The listener pays only an accept and a close.
+        """
+        n = self.sessions_from.get(remote[0], 0)
+        if not self.per_ip or n < self.per_ip:
+            return False
+        conn.close()
+        if self.log_mode == "json":
+            import json
+            log(json.dumps({"event": "serve-per-ip", "ip": remote[0], "port": remote[1],
+                            "sessions": n}, separators=(",", ":")))
+        elif self.log_mode == "text":
+            log("serve: per-ip limit: closed %s port %d (%d sessions from it)"
+                % (remote[0], remote[1], n))
+        return True
 
     def accept_some(self):
         if self.rules_path is not None and self.rules_changed():
@@ -668,6 +761,8 @@ class Server:
                 log("serve: accept: %s" % e.strerror)
                 self.resume_at = time.monotonic() + 0.1
                 return
+            if self.over_limit(conn, remote):
+                continue
             self.spawn(conn, remote)
 
     def spawn(self, conn, remote):
@@ -695,6 +790,8 @@ class Server:
             finally:
                 os._exit(status)
         self.children[pid] = time.monotonic()
+        self.ip_of[pid] = remote[0]
+        self.sessions_from[remote[0]] = self.sessions_from.get(remote[0], 0) + 1
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
         conn.close()
 
@@ -723,7 +820,7 @@ class Server:
                     os.waitpid(pid, 0)
                 except ChildProcessError:
                     pass
-                self.children.pop(pid, None)
+                self.forget(pid)
 
     def _signal_children(self, sig):
         for pid in self.children:
@@ -820,8 +917,10 @@ def main(argv=None, environ=None) -> int:
         log("serve: cannot switch user or group: %s" % (e.strerror or e))
         return 111
     server.install_signals()
-    log(b"serve: listening on %s port %d, concurrency %d, home %s%s" % (
-        local[0].encode(), local[1], ns.concurrency, home,
+    log(b"serve: listening on %s port %d, concurrency %d, per-ip %d, session time %s,"
+        b" home %s%s" % (
+        local[0].encode(), local[1], ns.concurrency, ns.per_ip,
+        b"%gs" % ns.max_session_time if ns.max_session_time else b"unlimited", home,
         b", rules " + rules_path if rules_path else b""))
     return server.run()
 

@@ -22,7 +22,7 @@ def _silent_clients(port, n, source="127.0.0.2"):
 
 
 def test_silent_clients_from_one_address_leave_slots_for_others(home, serve):
-    s = serve("-c", "4")                        # default --per-ip: half of -c
+    s = serve("-c", "4", "--per-ip", "2")
     socks = _silent_clients(s.port, 20)
     try:
         time.sleep(0.5)                        # let serve take them all in
@@ -61,7 +61,7 @@ def test_per_ip_zero_means_no_limit(home, serve):
         for sock in socks:
             sock.close()
     assert late.reply(timeout=5) == GREETING
-    assert not any(b"per-ip" in ln for ln in s.lines())
+    assert not any(b"per-ip limit" in ln for ln in s.lines())
 
 
 def test_a_byte_a_second_does_not_hold_a_slot_forever(home, serve):
@@ -108,3 +108,9 @@ def test_usage_errors(home, tmp_path, args, message):
     proc = subprocess.run(s.command(), env=home.full_env(), capture_output=True, timeout=20)
     assert proc.returncode == 2
     assert proc.stderr.splitlines()[-1] == b"qspp serve: error: " + message
+
+
+def test_the_defaults_are_in_the_start_line(home, serve):
+    s = serve()
+    s.wait_line(rb"serve: listening on 127\.0\.0\.1 port \d+, concurrency 40, per-ip 20,"
+                rb" session time 1200s, home ")
