@@ -5,17 +5,22 @@
                [--backlog N] [--log text|json|off] [-u UID] [-g GID] [--user NAME]
                [--per-ip N] [--max-session-time SECONDS] [-- SMTPD-ARGS ...]
 
-The parent imports everything a session needs once, then forks one child per
-connection.  The child is what tcpserver's child plus `python -m qspp.smtpd`
-would be: the connection on fds 0 and 1, the environment tcpserver builds
-(PROTO, TCPLOCALIP, TCPLOCALPORT, TCPREMOTEIP, TCPREMOTEPORT, TCPLOCALHOST only
-with --localname or --resolve, TCPREMOTEHOST only with --resolve, never
-TCPREMOTEINFO), the tcprules variables on top, then `qspp.smtpd.run()`.  A
-child shares nothing writable with its siblings: each has its own copy of the
-parent's memory, so no session can see another's state.
+The parent imports everything a session needs once, binds, and forks --concurrency
+worker processes.  Each worker accepts a client itself, runs its session (what
+tcpserver's child plus `python -m qspp.smtpd` would be: the connection on fds 0
+and 1, the environment tcpserver builds (PROTO, TCPLOCALIP, TCPLOCALPORT,
+TCPREMOTEIP, TCPREMOTEPORT, TCPLOCALHOST only with --localname or --resolve,
+TCPREMOTEHOST only with --resolve, never TCPREMOTEINFO), the tcprules
+variables on top, then `qspp.smtpd.run()`), and accepts the next.  Between
+two sessions a worker puts back and checks what a session could change (see
+Worker); after --worker-sessions sessions, or when it cannot prove itself
+clean, it ends and the parent starts a fresh one, as it does for a crashed one.
 
-As tcpserver -c, at most --concurrency children run; at the limit the parent
-stops accepting and new clients wait in the kernel's backlog.
+As tcpserver -c, at most --concurrency sessions run: one per worker; more
+clients wait in the kernel's backlog.
+
+With the embedded home, its queue program runs as a fork of the session
+(qspp.maildirqueue.deliver on the same two pipes) instead of a new interpreter.
 
 --per-ip: at most N sessions per client address (default 20); one more is
 closed with nothing sent and one line logged.  --max-session-time: a session's
@@ -54,7 +59,9 @@ json: the same as JSON, off: none); a tcprules variable SPPLOG still wins.
 
 import argparse
 import gc
+import mmap
 import os
+import resource
 import selectors
 import signal
 import socket
@@ -77,6 +84,7 @@ DEFAULT_SESSION_TIME = 1200.0
 # is 50 of its 100 processes.  20 is half of the default -c 40.
 DEFAULT_PER_IP = 20
 KILL_WAIT = 2.0
+RULES_CHECK = 0.5       # how often the parent looks for a rerun of tcprules, to log it
 # Variables tcpserver sets or unsets for every connection: what the parent's
 # own environment holds under these names must not reach a session.
 _PER_CONNECTION = (b"PROTO", b"TCPLOCALIP", b"TCPLOCALPORT", b"TCPLOCALHOST",
@@ -140,6 +148,9 @@ def parser():
                    metavar="SECONDS",
                    help="a session still open after SECONDS gets qmail's 451 timeout at"
                    " its next wait for the client and ends (default 1200; 0 = no limit)")
+    p.add_argument("--worker-sessions", type=_positive, default=Worker.RECYCLE, metavar="N",
+                   help="a worker process serves N sessions, then a fresh one takes over"
+                   " (default %d)" % Worker.RECYCLE)
     p.add_argument("-x", "--rules", metavar="FILE.cdb",
                    help="tcprules cdb, looked up as tcpserver -x does")
     p.add_argument("--qmailhome", metavar="DIR",
@@ -514,43 +525,260 @@ def _limit_session_time(seconds, remote, log_mode) -> None:
     signal.setitimer(signal.ITIMER_REAL, seconds)
 
 
-def child(server, conn, remote) -> int:
-    """Everything after fork; returns the exit status."""
-    _reset_signals()
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
-    server.close_in_child()
-    try:
-        local = conn.getsockname()
-    except OSError:
-        return 111  # the client is already gone
-    env = connection_environ(server.base_env, local, remote, server.localname, server.resolve)
-    rules = server.rules
-    if rules is not None:
-        ip = env[b"TCPREMOTEIP"]
+class _Stop(Exception):
+    """Raised out of an idle worker's accept() when serve stops."""
+
+
+class _EmbeddedQueue:
+    """The embedded home's bin/qmail-queue, run as a fork of the session.
+
+    The script would start a new interpreter for every message; the fork runs
+    the very same qspp.maildirqueue.deliver on the very same two pipes, with
+    the same exit codes, so the durability (file fsynced, moved into new/,
+    new/ fsynced, all before the 250) and the replies are the script's.  Any
+    other program (QMAILQUEUE set by a rule, say) is spawned as usual.
+    """
+
+    program = None   # the embedded home's queue script
+
+    @classmethod
+    def start(cls, program, env):
+        from .queue import Queue, QueueStartError
+        if program != cls.program:
+            return Queue.start(program, env)
+        fds = []
         try:
-            rule = rules.lookup(ip, env.get(b"TCPREMOTEHOST"))
+            mr, mw = os.pipe()
+            fds += (mr, mw)
+            er, ew = os.pipe()
+            fds += (er, ew)
+            pid = os.fork()
         except OSError as e:
-            log(b"serve: unable to read %s: %s: dropped %s port %d" % (
-                os.fsencode(rules.path), (e.strerror or str(e)).encode(), ip, remote[1]))
-            return 111
-        if rule is not None:
-            if rule.deny:
-                if server.log_mode == "json":
-                    import json
-                    log(json.dumps({"event": "serve-deny", "ip": ip.decode(), "port": remote[1],
-                                    "rule": rule.key.decode("utf-8", "backslashreplace")},
-                                   separators=(",", ":")))
-                elif server.log_mode == "text":
-                    log(b"serve: deny %s port %d (rule \"%s\")" % (ip, remote[1], rule.key))
-                return 100  # tcpserver's status; the close sends nothing
-            rule.apply(env)
-    _limit_session_time(server.session_time, remote, server.log_mode)
-    fd = conn.detach()
-    os.dup2(fd, 0)
-    os.dup2(fd, 1)
-    if fd > 1:
-        os.close(fd)
-    return smtpd.run(server.smtpd_args, env)
+            for fd in fds:
+                os.close(fd)
+            raise QueueStartError(e) from None
+        if pid == 0:
+            code = 81
+            try:
+                for sig in (signal.SIGUSR1, signal.SIGHUP):
+                    signal.signal(sig, signal.SIG_IGN)
+                os.dup2(mr, 0)   # the client connection goes: only the pipes stay
+                os.dup2(er, 1)
+                for fd in fds:
+                    os.close(fd)
+                from . import maildirqueue
+                maildir = os.fsdecode(env.get(b"QSPP_MAILDIR") or b"./Maildir")
+                code = maildirqueue.deliver(0, 1, maildir.rstrip("/") or "/")
+            except BaseException as e:  # noqa: B902 - a queue answers with an exit code
+                code = getattr(e, "code", 81)
+                if not isinstance(code, int):
+                    code = 81
+                if code == 81:
+                    try:
+                        log("embedded queue: %r" % (e,))
+                    except BaseException:
+                        pass
+            finally:
+                os._exit(code)
+        os.close(mr)
+        os.close(er)
+        return Queue(pid, mw, ew)
+
+
+class Slots:
+    """Which client address each worker is serving, in memory all workers share.
+
+    Slot i belongs to worker i: 0 while idle, else 1 and the address.  The
+    per-ip count is taken by marking one's own slot first and counting after,
+    so two workers racing for one address can both refuse but never both pass.
+    """
+
+    SIZE = 17
+
+    def __init__(self, n):
+        self.n = n
+        self.mem = mmap.mmap(-1, n * self.SIZE)  # MAP_SHARED: the workers see one copy
+
+    @staticmethod
+    def key(ip: str) -> bytes:
+        try:
+            return b"\1" + socket.inet_pton(socket.AF_INET, ip).ljust(16, b"\0")
+        except OSError:
+            return b"\1" + socket.inet_pton(socket.AF_INET6, ip)
+
+    def take(self, i, key) -> int:
+        size = self.SIZE
+        self.mem[i * size:(i + 1) * size] = key
+        data = self.mem[:]
+        return sum(1 for j in range(0, len(data), size) if data[j:j + size] == key)
+
+    def free(self, i):
+        self.mem[i * self.SIZE:(i + 1) * self.SIZE] = bytes(self.SIZE)
+
+    def busy(self) -> int:
+        return sum(1 for j in range(0, self.n * self.SIZE, self.SIZE) if self.mem[j])
+
+
+def _open_fds():
+    return set(os.listdir("/proc/self/fd"))
+
+
+def _max_rss_kb() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+class Worker:
+    """One pre-forked process: accepts a client, runs its session, and again.
+
+    Between sessions everything a session may have changed is put back (fds 0
+    and 1, cwd, umask, signal dispositions, the alarm) and checked (open fds,
+    the memory high-water mark): a worker that cannot be proved clean ends
+    and the parent starts a fresh one.  It ends anyway after RECYCLE sessions.
+    """
+
+    RECYCLE = 1000
+    MAX_GROWTH_KB = 32 * 1024
+
+    def __init__(self, server, index):
+        self.server = server
+        self.index = index
+        self.idle = False
+        self.stopping = False
+        self.reload = False
+        self.in_rules = False
+
+    def _on_stop(self, signum, frame):
+        self.stopping = True
+        try:
+            self.server.listener.close()  # from now on, new clients are refused
+        except OSError:
+            pass
+        if self.idle:
+            raise _Stop()
+
+    def _on_hup(self, signum, frame):
+        # The parent has just loaded good rules: follow at once, even in a
+        # session (which never looks at them), so that a bad file written
+        # later cannot leave this worker with older rules than the parent's.
+        self.reload = True
+        if not self.in_rules:
+            self.in_rules = True
+            try:
+                self.reload_rules()
+            finally:
+                self.in_rules = False
+
+    def reload_rules(self):
+        self.reload = False
+        self.server.load_rules(None)
+
+    def run(self) -> int:
+        server = self.server
+        _reset_signals()
+        signal.signal(signal.SIGUSR1, self._on_stop)
+        signal.signal(signal.SIGHUP, self._on_hup)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS + (signal.SIGUSR1,))
+        server.close_in_worker()
+        if server.embedded_queue is not None:
+            _EmbeddedQueue.program = server.embedded_queue
+            smtpd.Queue = _EmbeddedQueue
+        self.cwd = os.getcwd()
+        self.umask = os.umask(0o022)
+        os.umask(self.umask)
+        self.null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        self.fds = _open_fds()
+        self.rss = _max_rss_kb()
+        served = 0
+        while not self.stopping and served < server.worker_sessions:
+            self.idle = True
+            try:
+                if self.stopping:
+                    break
+                conn, remote = server.listener.accept()
+            except _Stop:
+                break
+            except ConnectionAbortedError:
+                continue
+            except OSError as e:
+                if self.stopping:
+                    break
+                # out of descriptors or memory: the client stays in the backlog
+                log("serve: accept: %s" % e.strerror)
+                time.sleep(0.1)
+                continue
+            finally:
+                self.idle = False
+            served += 1
+            if not self.serve(conn, remote):
+                return 0
+        return 0
+
+    def serve(self, conn, remote) -> bool:
+        """One client; False when this worker must not serve another."""
+        server = self.server
+        slots = server.slots
+        try:
+            n = slots.take(self.index, Slots.key(remote[0]))
+            if server.per_ip and n > server.per_ip:
+                conn.close()
+                server.log_per_ip(remote, n - 1)
+                return True
+            return self.session(conn, remote)
+        finally:
+            slots.free(self.index)
+
+    def session(self, conn, remote) -> bool:
+        server = self.server
+        try:
+            local = conn.getsockname()
+        except OSError:
+            conn.close()
+            return True  # the client is already gone
+        env = connection_environ(server.base_env, local, remote, server.localname,
+                                 server.resolve)
+        if server.rules_path is not None:
+            self.in_rules = True
+            try:
+                if self.reload or server.rules_changed():
+                    self.reload_rules()
+                rule = server.lookup(env, remote)
+            finally:
+                self.in_rules = False
+            if rule is False:
+                conn.close()
+                return True
+            if rule is not None:
+                rule.apply(env)
+        clean = True
+        try:
+            _limit_session_time(server.session_time, remote, server.log_mode)
+            fd = conn.detach()
+            os.dup2(fd, 0)
+            os.dup2(fd, 1)
+            os.close(fd)
+            smtpd.run(server.smtpd_args, env)
+        except Exception as e:  # noqa: BLE001 - the session's own last words
+            log("internal error: %s: %s" % (type(e).__name__, e))
+            clean = False
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, signal.SIG_DFL)
+            signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            os.dup2(self.null, 0)  # the last copies of the connection: it closes
+            os.dup2(self.null, 1)
+            os.chdir(self.cwd)
+            os.umask(self.umask)
+        left = _open_fds() - self.fds
+        if server.rules is not None:
+            left.discard(str(server.rules.cdb.fd))  # reloaded: a new number, not a leak
+        if left:
+            log("serve: descriptors %s left open by a session; starting a fresh worker"
+                % ",".join(sorted(left, key=int)))
+            return False
+        if _max_rss_kb() > self.rss + self.MAX_GROWTH_KB:
+            return False  # a big session: the next one gets a small process
+        return clean
 
 
 # ---------------------------------------------------------------------------
@@ -561,8 +789,7 @@ class Server:
         self.limit = ns.concurrency
         self.per_ip = ns.per_ip
         self.session_time = ns.max_session_time
-        self.ip_of = {}         # pid -> client address, for the per-ip count
-        self.sessions_from = {}  # client address -> sessions running
+        self.worker_sessions = ns.worker_sessions
         self.grace = ns.grace
         self.localname = os.fsencode(ns.localname) if ns.localname is not None else None
         self.resolve = ns.resolve
@@ -572,12 +799,14 @@ class Server:
         self.rules_path = rules_path
         self.rules = None
         self.bad_rules = None   # signature of a file already reported as unusable
-        self.children = {}      # pid -> start time
+        self.embedded_queue = None
+        self.workers = {}       # pid -> (slot index, start time)
+        self.slots = Slots(self.limit)
         self.pending = set()
         self.listener = None
         self.sel = None
-        self.accepting = False
-        self.resume_at = None   # after EMFILE and the like: when to try again
+        self.respawn = set()    # slot indexes whose worker is to be started
+        self.resume_at = None   # when to try starting them again
         self.stopping = False
         self.deadline = None
         self.killed = None      # when the stragglers got SIGTERM
@@ -589,12 +818,14 @@ class Server:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind((host, port))
         s.listen(backlog)
-        s.setblocking(False)
         self.listener = s
         return s.getsockname()
 
     def load_rules(self, why):
-        """(Re)load the rules; on failure keep the old ones and say so once."""
+        """(Re)load the rules; on failure keep the old ones and say so once.
+
+        WHY None: a worker catching up, silently (the parent says it once).
+        """
         path = self.rules_path
         try:
             st_sig = signature(os.stat(path))
@@ -605,7 +836,7 @@ class Server:
         except RulesError as e:
             if self.rules is None:
                 raise
-            if st_sig != self.bad_rules or why == "SIGHUP":
+            if why is not None and (st_sig != self.bad_rules or why == "SIGHUP"):
                 log("serve: rules %s: %s; keeping the rules loaded before"
                     % (os.fsdecode(path), e))
             self.bad_rules = st_sig
@@ -614,7 +845,9 @@ class Server:
         self.bad_rules = None
         if old is not None:
             old.close()
-            log("serve: rules %s reloaded (%s)" % (os.fsdecode(path), why))
+            if why is not None:
+                self._signal_workers(signal.SIGHUP)  # before the line: a client told
+                log("serve: rules %s reloaded (%s)" % (os.fsdecode(path), why))  # may come
 
     def rules_changed(self) -> bool:
         try:
@@ -623,8 +856,43 @@ class Server:
             sig = ("error", e.errno)
         return sig != self.rules.signature and sig != self.bad_rules
 
-    def close_in_child(self):
-        self.listener.close()
+    def lookup(self, env, remote):
+        """The client's rule: a Rule, None (no rule), or False (closed: denied or unreadable)."""
+        rules = self.rules
+        ip = env[b"TCPREMOTEIP"]
+        try:
+            rule = rules.lookup(ip, env.get(b"TCPREMOTEHOST"))
+        except OSError as e:
+            log(b"serve: unable to read %s: %s: dropped %s port %d" % (
+                os.fsencode(rules.path), (e.strerror or str(e)).encode(), ip, remote[1]))
+            return False
+        if rule is not None and rule.deny:
+            if self.log_mode == "json":
+                import json
+                log(json.dumps({"event": "serve-deny", "ip": ip.decode(), "port": remote[1],
+                                "rule": rule.key.decode("utf-8", "backslashreplace")},
+                               separators=(",", ":")))
+            elif self.log_mode == "text":
+                log(b"serve: deny %s port %d (rule \"%s\")" % (ip, remote[1], rule.key))
+            return False  # as tcpserver: the close sends nothing
+        return rule
+
+    def log_per_ip(self, remote, n):
+        """A client over --per-ip was closed (finding 10).
+
+        Closed with nothing sent, as tcpserver closes a denied client: no reply
+        text netqmail never sends, and a sending MTA retries later as it would
+        after a 421.  It costs the worker only an accept and a close.
+        """
+        if self.log_mode == "json":
+            import json
+            log(json.dumps({"event": "serve-per-ip", "ip": remote[0], "port": remote[1],
+                            "sessions": n}, separators=(",", ":")))
+        elif self.log_mode == "text":
+            log("serve: per-ip limit: closed %s port %d (%d sessions from it)"
+                % (remote[0], remote[1], n))
+
+    def close_in_worker(self):
         self.sel.close()
         os.close(self.wake_r)
         os.close(self.wake_w)
@@ -643,55 +911,46 @@ class Server:
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
 
     # -- the loop ------------------------------------------------------------
-    def _set_accepting(self, on):
-        if on and not self.accepting:
-            self.sel.register(self.listener, selectors.EVENT_READ)
-        elif not on and self.accepting:
-            self.sel.unregister(self.listener)
-        self.accepting = on
-
     def run(self) -> int:
         self.sel = selectors.DefaultSelector()
         self.sel.register(self.wake_r, selectors.EVENT_READ)
-        self._set_accepting(True)
-        # what the parent has now is shared, unchanged, by every child
+        # what the parent has now is shared, unchanged, by every worker
         gc.freeze()
+        self.respawn = set(range(self.limit))
+        self.start_workers()
         while True:
-            timeout = None
             now = time.monotonic()
+            timeout = None
             if self.resume_at is not None:
                 timeout = max(0.0, self.resume_at - now)
+            if self.rules_path is not None and not self.stopping:
+                timeout = RULES_CHECK if timeout is None else min(timeout, RULES_CHECK)
             if self.stopping:
-                if not self.children:
+                if not self.workers:
                     log("serve: stopped")
                     return 0
                 until = self.killed + KILL_WAIT if self.killed is not None else self.deadline
                 left = max(0.0, until - now)
                 timeout = left if timeout is None else min(timeout, left)
-            ready = self.sel.select(timeout)
-            listener_ready = False
-            for key, _ in ready:
-                if key.fd == self.wake_r:
-                    try:
-                        while os.read(self.wake_r, 512):
-                            pass
-                    except BlockingIOError:
+            if self.sel.select(timeout):
+                try:
+                    while os.read(self.wake_r, 512):
                         pass
-                else:
-                    listener_ready = True
+                except BlockingIOError:
+                    pass
             self.handle_signals()
             if self.stopping:
                 self.enforce_deadline()
                 continue
-            if self.resume_at is not None and time.monotonic() >= self.resume_at:
+            if self.rules_path is not None and self.rules_changed():
+                self.load_rules("file changed")
+            if self.respawn and (self.resume_at is None or time.monotonic() >= self.resume_at):
                 self.resume_at = None
-            if listener_ready and self.resume_at is None:
-                self.accept_some()
-            self._set_accepting(len(self.children) < self.limit and self.resume_at is None)
+                self.start_workers()
 
     def handle_signals(self):
         sigs, self.pending = self.pending, set()
-        if signal.SIGCHLD in sigs or self.children:
+        if signal.SIGCHLD in sigs or self.workers:
             self.reap()
         if signal.SIGHUP in sigs and self.rules_path is not None and not self.stopping:
             self.load_rules("SIGHUP")
@@ -711,119 +970,85 @@ class Server:
                 continue
             if pid == 0:
                 return
-            self.forget(pid)
-            if os.WIFSIGNALED(status) and not self.stopping:
-                log("serve: session %d killed by signal %d" % (pid, os.WTERMSIG(status)))
-
-    def forget(self, pid):
-        self.children.pop(pid, None)
-        ip = self.ip_of.pop(pid, None)
-        if ip is not None:
-            n = self.sessions_from[ip] - 1
-            if n:
-                self.sessions_from[ip] = n
-            else:
-                del self.sessions_from[ip]
-
-    def over_limit(self, conn, remote) -> bool:
-        """Close a client whose address already has --per-ip sessions (finding 10).
-
-        Closed with nothing sent, as tcpserver closes a denied client: no reply
-        text netqmail never sends, and a sending MTA retries later as it would
-        after a 421.  The listener pays only an accept and a close.
-        """
-        n = self.sessions_from.get(remote[0], 0)
-        if not self.per_ip or n < self.per_ip:
-            return False
-        conn.close()
-        if self.log_mode == "json":
-            import json
-            log(json.dumps({"event": "serve-per-ip", "ip": remote[0], "port": remote[1],
-                            "sessions": n}, separators=(",", ":")))
-        elif self.log_mode == "text":
-            log("serve: per-ip limit: closed %s port %d (%d sessions from it)"
-                % (remote[0], remote[1], n))
-        return True
-
-    def accept_some(self):
-        if self.rules_path is not None and self.rules_changed():
-            self.load_rules("file changed")
-        while len(self.children) < self.limit:
-            try:
-                conn, remote = self.listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except ConnectionAbortedError:
+            index, started = self.workers.pop(pid, (None, None))
+            if index is None:
                 continue
+            self.slots.free(index)
+            if self.stopping:
+                continue
+            if os.WIFSIGNALED(status):
+                log("serve: worker %d killed by signal %d" % (pid, os.WTERMSIG(status)))
+            self.respawn.add(index)
+            if time.monotonic() - started < 1.0 and status != 0:
+                # dying at once: do not fork in a tight loop
+                self.resume_at = time.monotonic() + 0.5
+
+    def start_workers(self):
+        while self.respawn:
+            index = self.respawn.pop()
+            signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS + (signal.SIGUSR1,))
+            try:
+                pid = os.fork()
             except OSError as e:
-                # out of descriptors or memory: the client stays in the
-                # backlog; try again shortly instead of spinning
-                log("serve: accept: %s" % e.strerror)
-                self.resume_at = time.monotonic() + 0.1
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS + (signal.SIGUSR1,))
+                log("serve: fork: %s" % e.strerror)
+                self.respawn.add(index)
+                self.resume_at = time.monotonic() + 0.5
                 return
-            if self.over_limit(conn, remote):
-                continue
-            self.spawn(conn, remote)
-
-    def spawn(self, conn, remote):
-        # a signal between fork and the child's reset must not run the
-        # parent's handler in the child
-        signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
-        try:
-            pid = os.fork()
-        except OSError as e:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
-            log("serve: fork: %s: dropped %s port %d" % (e.strerror, remote[0], remote[1]))
-            conn.close()
-            self.resume_at = time.monotonic() + 0.1
-            return
-        if pid == 0:
-            status = 111
-            try:
-                status = child(self, conn, remote)
-            except BaseException as e:  # noqa: B902 - nothing may return into the parent's loop
-                try:
-                    log("internal error: %s: %s" % (type(e).__name__, e))
-                except BaseException:
-                    pass
+            if pid == 0:
                 status = 1
-            finally:
-                os._exit(status)
-        self.children[pid] = time.monotonic()
-        self.ip_of[pid] = remote[0]
-        self.sessions_from[remote[0]] = self.sessions_from.get(remote[0], 0) + 1
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
-        conn.close()
+                try:
+                    status = Worker(self, index).run()
+                except BaseException as e:  # noqa: B902 - nothing may return into the parent's loop
+                    try:
+                        log("internal error: %s: %s" % (type(e).__name__, e))
+                    except BaseException:
+                        pass
+                    status = 1
+                finally:
+                    os._exit(status)
+            self.workers[pid] = (index, time.monotonic())
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS + (signal.SIGUSR1,))
 
     def stop_accepting(self):
         self.stopping = True
-        self._set_accepting(False)
         self.listener.close()
+        self._signal_workers(signal.SIGUSR1)  # idle ones end, busy ones after their session
         self.deadline = time.monotonic() + self.grace
-        if self.children:
+        # the listener is gone only when every idle worker has closed its copy:
+        # wait for them (briefly) so that "stopping" means clients are refused
+        until = time.monotonic() + 1.0
+        while time.monotonic() < until:
+            self.reap()
+            if len(self.workers) <= self.slots.busy():
+                break
+            time.sleep(0.005)
+        busy = self.slots.busy()
+        if busy:
             log("serve: stopping: waiting up to %g s for %d session%s"
-                % (self.grace, len(self.children), "" if len(self.children) == 1 else "s"))
+                % (self.grace, busy, "" if busy == 1 else "s"))
 
     def enforce_deadline(self):
-        if not self.children:
+        if not self.workers:
             return
         now = time.monotonic()
         if self.killed is None and now >= self.deadline:
+            n = len(self.workers)
             log("serve: %d session%s still running after %g s: SIGTERM"
-                % (len(self.children), "" if len(self.children) == 1 else "s", self.grace))
-            self._signal_children(signal.SIGTERM)
+                % (n, "" if n == 1 else "s", self.grace))
+            self._signal_workers(signal.SIGTERM)
             self.killed = now
         elif self.killed is not None and now >= self.killed + KILL_WAIT:
-            self._signal_children(signal.SIGKILL)
-            for pid in list(self.children):
+            self._signal_workers(signal.SIGKILL)
+            for pid in list(self.workers):
                 try:
                     os.waitpid(pid, 0)
                 except ChildProcessError:
                     pass
-                self.forget(pid)
+                self.workers.pop(pid, None)
 
-    def _signal_children(self, sig):
-        for pid in self.children:
+    def _signal_workers(self, sig):
+        for pid in self.workers:
             try:
                 os.kill(pid, sig)
             except ProcessLookupError:
@@ -898,6 +1123,7 @@ def main(argv=None, environ=None) -> int:
         return 111
     rules_path = os.fsencode(ns.rules) if ns.rules else None
     server = Server(ns, base_environ(environ, home, extra, ns.log), rules_path)
+    server.embedded_queue = extra.get(b"QMAILQUEUE")
     if rules_path is not None:
         try:
             server.load_rules("start")

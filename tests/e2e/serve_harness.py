@@ -113,6 +113,17 @@ class ServeServer:
                 pass  # that thread ended meanwhile
         return out
 
+    def sessions(self):
+        """The pids of serve's workers that are in a session (fd 0 is a client socket)."""
+        out = set()
+        for pid in self.children():
+            try:
+                if os.readlink("/proc/%d/fd/0" % pid).startswith("socket:"):
+                    out.add(pid)
+            except OSError:
+                pass
+        return out
+
     def zombies(self):
         found = []
         for pid in self.children():
@@ -125,8 +136,9 @@ class ServeServer:
                 found.append(pid)
         return found
 
-    def wait_no_children(self, timeout=5):
-        wait_for(lambda: not self.children(), timeout, "serve's children to be reaped")
+    def wait_idle(self, timeout=5):
+        """Wait until no worker is in a session (the workers themselves stay)."""
+        wait_for(lambda: not self.sessions(), timeout, "serve's sessions to end")
 
     def signal(self, sig):
         os.kill(self.pid, sig)

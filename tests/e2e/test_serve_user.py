@@ -117,7 +117,7 @@ def test_uid_alone_runs_sessions_in_that_users_group(tmp_path, pubdir):
     s.start()
     try:
         c = s.connect()
-        (pid,) = s.children()
+        (pid,) = s.sessions()
         with open("/proc/%d/status" % pid) as f:
             status = dict(line.split(":", 1) for line in f.read().splitlines())
         assert status["Uid"].split() == [str(NOBODY)] * 4
