@@ -58,6 +58,7 @@ json: the same as JSON, off: none); a tcprules variable SPPLOG still wins.
 """
 
 import argparse
+import errno
 import gc
 import mmap
 import os
@@ -93,6 +94,7 @@ _PER_CONNECTION = (b"PROTO", b"TCPLOCALIP", b"TCPLOCALPORT", b"TCPLOCALHOST",
 # once, so a child never pays for an import.  Missing ones (a build without
 # AUTH or TLS) are skipped.
 _WARM_MODULES = ("qspp.received", "qspp.spplog", "qspp.spool", "qspp.auth", "qspp.tls",
+                 "qspp.maildirqueue", "qspp.queue",
                  "qspp.checkpassword",
                  "json", "ssl", "_socket", "array", "fcntl", "struct")
 _SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -529,23 +531,139 @@ class _Stop(Exception):
     """Raised out of an idle worker's accept() when serve stops."""
 
 
-class _EmbeddedQueue:
-    """The embedded home's bin/qmail-queue, run as a fork of the session.
+def _maildir_of(env) -> str:
+    maildir = os.fsdecode(env.get(b"QSPP_MAILDIR") or b"./Maildir")
+    return maildir.rstrip("/") or "/"
 
-    The script would start a new interpreter for every message; the fork runs
-    the very same qspp.maildirqueue.deliver on the very same two pipes, with
-    the same exit codes, so the durability (file fsynced, moved into new/,
-    new/ fsynced, all before the 250) and the replies are the script's.  Any
-    other program (QMAILQUEUE set by a rule, say) is spawned as usual.
+
+def _deliver_code(msg_fd, env_fd, maildir) -> int:
+    """qspp.maildirqueue's delivery; its exit code, as qmail-queue's."""
+    from . import maildirqueue
+    try:
+        return maildirqueue.deliver(msg_fd, env_fd, maildir)
+    except Exception as e:  # noqa: BLE001 - a queue answers with an exit code
+        code = getattr(e, "code", None)
+        if isinstance(code, int):
+            return code
+        log("embedded queue: %r" % (e,))
+        return 81
+
+
+def _link_based() -> bool:
+    """Does maildirqueue link() unique names into new/ (never replacing a file)?
+
+    Before that (issue 10, finding 6) it named files time.pid.host and
+    rename()d them: two deliveries by one process within a second would
+    replace each other.  Only a fork, with a pid of its own, is safe then.
+    """
+    from . import maildirqueue
+    return hasattr(maildirqueue, "_link_new")
+
+
+class _InProcessQueue:
+    """The embedded home's delivery done by the session process itself.
+
+    Message and envelope go to anonymous files (the message may be large, so
+    on disk in the Maildir's tmp/); at the end maildirqueue.deliver reads them
+    exactly as it reads qmail-queue's two pipes, so the durability (the file
+    fsynced, linked into new/, new/ fsynced, all before the 250), the exit
+    codes and thus the replies are the queue program's.
     """
 
-    program = None   # the embedded home's queue script
+    __slots__ = ("pid", "exec_error", "write_failed", "status", "_msg", "_maildir", "_fail")
+
+    def __init__(self, env):
+        self.pid = os.getpid()
+        self.exec_error = None
+        self.write_failed = False
+        self.status = None
+        self._maildir = _maildir_of(env)
+        self._msg = -1
+        self._fail = None
+        try:
+            try:
+                self._msg = self._spool()
+            except FileNotFoundError:
+                for part in ("", "/tmp", "/new", "/cur"):  # made when missing, as
+                    try:                                   # maildirqueue does
+                        os.mkdir(self._maildir + part, 0o700)
+                    except FileExistsError:
+                        pass
+                self._msg = self._spool()
+        except OSError as e:
+            self._fail = 53 if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO) else 61
+
+    def _spool(self) -> int:
+        return os.open(self._maildir + "/tmp", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+
+    def write(self, data):
+        if self._msg < 0 or self.write_failed or not data:
+            return
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(self._msg, view):]
+        except OSError:
+            self.write_failed = True
+
+    def finish(self, envelope):
+        from .queue import reply_for_status
+        try:
+            if envelope is None:
+                code = 54  # aborted: qmail-queue would read a cut envelope
+            elif self._fail is not None:
+                code = self._fail
+            elif self.write_failed:
+                code = 53
+            else:
+                code = self._deliver(envelope)
+        finally:
+            if self._msg >= 0:
+                os.close(self._msg)
+                self._msg = -1
+        self.status = code << 8
+        return reply_for_status(self.status, False, self.pid, time.time())
+
+    def _deliver(self, envelope) -> int:
+        try:
+            env_fd = os.memfd_create("envelope", os.MFD_CLOEXEC)
+        except OSError:
+            return 81
+        try:
+            try:
+                view = memoryview(envelope)
+                while view:
+                    view = view[os.write(env_fd, view):]
+                os.lseek(env_fd, 0, os.SEEK_SET)
+                os.lseek(self._msg, 0, os.SEEK_SET)
+            except OSError:
+                return 53
+            return _deliver_code(self._msg, env_fd, self._maildir)
+        finally:
+            os.close(env_fd)
+
+
+class _EmbeddedQueue:
+    """The embedded home's bin/qmail-queue, without starting an interpreter.
+
+    The script would start a new interpreter for every message.  Instead the
+    session delivers itself (_InProcessQueue) or, with a maildirqueue that
+    could replace a file of the same name, in a fork of itself with a pid of
+    its own, running the same maildirqueue.deliver on the same two pipes.
+    Either way the durability and the replies are the script's.  Any other
+    program (QMAILQUEUE set by a rule, say) is spawned as usual.
+    """
+
+    program = None     # the embedded home's queue script
+    in_process = False
 
     @classmethod
     def start(cls, program, env):
         from .queue import Queue, QueueStartError
         if program != cls.program:
             return Queue.start(program, env)
+        if cls.in_process:
+            return _InProcessQueue(env)
         fds = []
         try:
             mr, mw = os.pipe()
@@ -566,18 +684,7 @@ class _EmbeddedQueue:
                 os.dup2(er, 1)
                 for fd in fds:
                     os.close(fd)
-                from . import maildirqueue
-                maildir = os.fsdecode(env.get(b"QSPP_MAILDIR") or b"./Maildir")
-                code = maildirqueue.deliver(0, 1, maildir.rstrip("/") or "/")
-            except BaseException as e:  # noqa: B902 - a queue answers with an exit code
-                code = getattr(e, "code", 81)
-                if not isinstance(code, int):
-                    code = 81
-                if code == 81:
-                    try:
-                        log("embedded queue: %r" % (e,))
-                    except BaseException:
-                        pass
+                code = _deliver_code(0, 1, _maildir_of(env))
             finally:
                 os._exit(code)
         os.close(mr)
@@ -681,6 +788,7 @@ class Worker:
         server.close_in_worker()
         if server.embedded_queue is not None:
             _EmbeddedQueue.program = server.embedded_queue
+            _EmbeddedQueue.in_process = _link_based()
             smtpd.Queue = _EmbeddedQueue
         self.cwd = os.getcwd()
         self.umask = os.umask(0o022)
