@@ -57,6 +57,7 @@ sessions (text: one summary line per connection and one per plugin run,
 json: the same as JSON, off: none); a tcprules variable SPPLOG still wins.
 """
 
+import _signal
 import argparse
 import errno
 import gc
@@ -135,7 +136,8 @@ def _seconds(text):
 def parser():
     p = argparse.ArgumentParser(
         prog=PROG, description="Listen for SMTP clients and run a qspp session for each,"
-        " in a process forked from this one (tcpserver and qmail-smtpd in one).",
+        " in one of -c worker processes forked from this one, each serving many sessions"
+        " (tcpserver and qmail-smtpd in one).",
         epilog="Arguments after -- are qspp.smtpd's own (HOST CHECKPROGRAM ... turns AUTH on).")
     p.add_argument("--host", default="127.0.0.1",
                    help="IPv4 address to listen on, 0 or 0.0.0.0 for all (default 127.0.0.1)")
@@ -494,37 +496,9 @@ def _reset_signals() -> None:
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
 
 
-def _limit_session_time(seconds, remote, log_mode) -> None:
-    """After SECONDS, end the session at its next wait for the client.
-
-    The end comes only where the client is being waited for, never while a
-    plugin or the queue program runs: there the alarm is put off, so a
-    message being queued is never cut between qmail-queue's answer and the
-    reply.  Waiting to read, the client gets netqmail's timeout reply.
-    """
-    if not seconds:
-        return
-    read_wait = smtpd.Connection._raw_read.__code__
-    write_wait = smtpd.Connection._raw_write.__code__
-
-    def expired(signum, frame):
-        code = frame.f_code if frame is not None else None
-        if code is not read_wait and code is not write_wait:
-            signal.setitimer(signal.ITIMER_REAL, 0.25)
-            return
-        if log_mode == "json":
-            import json
-            log(json.dumps({"event": "serve-session-time", "ip": remote[0], "port": remote[1],
-                            "seconds": seconds}, separators=(",", ":")))
-        elif log_mode == "text":
-            log("serve: session time limit (%g s) reached: %s port %d"
-                % (seconds, remote[0], remote[1]))
-        if code is read_wait:
-            raise smtpd._Timeout()
-        raise smtpd._Exit(1, "session time")  # the client is not reading: nothing to say
-
-    signal.signal(signal.SIGALRM, expired)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+# where a session waits for its client (see Worker._on_alarm)
+_READ_WAIT = smtpd.Connection._raw_read.__code__
+_WRITE_WAIT = smtpd.Connection._raw_write.__code__
 
 
 class _Stop(Exception):
@@ -753,6 +727,7 @@ class Worker:
         self.stopping = False
         self.reload = False
         self.in_rules = False
+        self.remote = None
 
     def _on_stop(self, signum, frame):
         self.stopping = True
@@ -762,6 +737,30 @@ class Worker:
             pass
         if self.idle:
             raise _Stop()
+
+    def _on_alarm(self, signum, frame):
+        """--max-session-time is up: end the session at its next wait for the client.
+
+        The end comes only where the client is being waited for, never while a
+        plugin or the queue program runs: there the alarm is put off, so a
+        message being queued is never cut between qmail-queue's answer and the
+        reply.  Waiting to read, the client gets netqmail's timeout reply.
+        """
+        code = frame.f_code if frame is not None else None
+        if code is not _READ_WAIT and code is not _WRITE_WAIT:
+            _signal.setitimer(_signal.ITIMER_REAL, 0.25)
+            return
+        server, remote = self.server, self.remote
+        if server.log_mode == "json":
+            import json
+            log(json.dumps({"event": "serve-session-time", "ip": remote[0], "port": remote[1],
+                            "seconds": server.session_time}, separators=(",", ":")))
+        elif server.log_mode == "text":
+            log("serve: session time limit (%g s) reached: %s port %d"
+                % (server.session_time, remote[0], remote[1]))
+        if code is _READ_WAIT:
+            raise smtpd._Timeout()
+        raise smtpd._Exit(1, "session time")  # the client is not reading: nothing to say
 
     def _on_hup(self, signum, frame):
         # The parent has just loaded good rules: follow at once, even in a
@@ -784,6 +783,7 @@ class Worker:
         _reset_signals()
         signal.signal(signal.SIGUSR1, self._on_stop)
         signal.signal(signal.SIGHUP, self._on_hup)
+        signal.signal(signal.SIGALRM, self._on_alarm)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS + (signal.SIGUSR1,))
         server.close_in_worker()
         if server.embedded_queue is not None:
@@ -859,7 +859,9 @@ class Worker:
                 rule.apply(env)
         clean = True
         try:
-            _limit_session_time(server.session_time, remote, server.log_mode)
+            self.remote = remote
+            if server.session_time:
+                _signal.setitimer(_signal.ITIMER_REAL, server.session_time)
             fd = conn.detach()
             os.dup2(fd, 0)
             os.dup2(fd, 1)
@@ -869,10 +871,10 @@ class Worker:
             log("internal error: %s: %s" % (type(e).__name__, e))
             clean = False
         finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            signal.signal(signal.SIGALRM, signal.SIG_DFL)
-            signal.signal(signal.SIGPIPE, signal.SIG_IGN)
-            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            _signal.setitimer(_signal.ITIMER_REAL, 0)
+            # what qspp.smtpd.main sets up (spec §2.1), should a session have changed it
+            _signal.signal(_signal.SIGPIPE, _signal.SIG_IGN)
+            _signal.signal(_signal.SIGCHLD, _signal.SIG_DFL)
             os.dup2(self.null, 0)  # the last copies of the connection: it closes
             os.dup2(self.null, 1)
             os.chdir(self.cwd)
