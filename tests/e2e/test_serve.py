@@ -393,14 +393,18 @@ def test_usage_errors(home, tmp_path, args, message):
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")
-def test_sessions_run_as_the_given_uid_and_gid(tmp_path):
+@pytest.mark.parametrize("args, gid", [
+    (["-u", "65534", "-g", "65533"], "65533"),
+    (["-u", "65534"], "65534"),     # issue 10 #3: nobody's primary group, never root's 0
+])
+def test_sessions_run_as_the_given_uid_and_gid(tmp_path, args, gid):
     base = tempfile.mkdtemp(prefix="qspp-serve-uid-", dir="/tmp")
     try:
         os.chmod(base, 0o755)
         qhome = QmailHome(Path(base))
         os.chmod(qhome.queue, 0o777)
         qhome.control("me", "mx.example.org\n")
-        s = ServeServer(qhome, tmp_path / "s", "-u", "65534", "-g", "65533")
+        s = ServeServer(qhome, tmp_path / "s", *args)
         s.start()
         try:
             c = s.connect()
@@ -408,8 +412,8 @@ def test_sessions_run_as_the_given_uid_and_gid(tmp_path):
             with open("/proc/%d/status" % pid) as f:
                 status = dict(line.split(":", 1) for line in f.read().splitlines())
             assert status["Uid"].split() == ["65534"] * 4
-            assert status["Gid"].split() == ["65533"] * 4
-            assert status["Groups"].split() == ["65533"]
+            assert status["Gid"].split() == [gid] * 4
+            assert status["Groups"].split() == [gid]
             with open("/proc/%d/status" % s.pid) as f:
                 assert "\nUid:\t65534\t" in f.read()  # the listener too, as tcpserver
             run = c.txn()

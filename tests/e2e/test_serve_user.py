@@ -1,6 +1,6 @@
 """`qspp serve` started as root with a user switch (issue 10, findings 1-3):
 the embedded home delivers as the session user, -u alone takes that user's
-group, and a home the session user can write is refused before root writes
+group (test_serve.py), and a home the session user can write is refused before root writes
 anything there."""
 
 import os
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import SRC, QmailHome
+from .conftest import SRC
 from .serve_harness import ServeServer
 from .test_serve import GO, OK, QUIT, received
 
@@ -108,23 +108,3 @@ def test_a_home_the_session_user_owns_is_refused_before_root_writes(home, tmp_pa
     (line,) = proc.stderr.splitlines()
     assert line.endswith(b"serve: cannot set up the embedded home: %s belongs to uid 65534,"
                          b" not to root; refusing to use it as root" % os.fsencode(qhome))
-
-
-def test_uid_alone_runs_sessions_in_that_users_group(tmp_path, pubdir):
-    qhome = QmailHome(pubdir)
-    os.chmod(qhome.queue, 0o777)
-    s = ServeServer(qhome, tmp_path / "s", "-u", str(NOBODY))
-    s.start()
-    try:
-        c = s.connect()
-        (pid,) = s.sessions()
-        with open("/proc/%d/status" % pid) as f:
-            status = dict(line.split(":", 1) for line in f.read().splitlines())
-        assert status["Uid"].split() == [str(NOBODY)] * 4
-        assert status["Gid"].split() == [str(NOBODY)] * 4   # nobody's primary group, not 0
-        assert status["Groups"].split() == [str(NOBODY)]
-        run = c.txn()
-        assert run.E == b"Fa@b\0Tx@example.org\0\0"
-        assert c.cmd(b"QUIT") == QUIT
-    finally:
-        s.stop()

@@ -28,13 +28,19 @@ def _intact(victim):
     assert stat.S_IMODE(victim.stat().st_mode) == 0o600
 
 
-def test_a_link_at_the_queue_scripts_temp_name_is_not_followed(tmp_path):
+def _planted(tmp_path, name):
+    """A home whose bin/NAME is a link to a file root must not touch."""
     home = tmp_path / "qspp"
     (home / "bin").mkdir(parents=True)
     os.chmod(home, 0o755)
     os.chmod(home / "bin", 0o755)
     victim = _victim(tmp_path)
-    os.symlink(victim, home / "bin" / "qmail-queue.new")
+    os.symlink(victim, home / "bin" / name)
+    return home, victim
+
+
+def test_a_link_at_the_queue_scripts_temp_name_is_not_followed(tmp_path):
+    home, victim = _planted(tmp_path, "qmail-queue.new")
     queue, _ = serve.make_embedded_home(os.fsencode(home))
     _intact(victim)
     st = os.lstat(queue)
@@ -44,12 +50,7 @@ def test_a_link_at_the_queue_scripts_temp_name_is_not_followed(tmp_path):
 
 
 def test_a_link_in_place_of_the_queue_script_is_replaced_not_written(tmp_path):
-    home = tmp_path / "qspp"
-    (home / "bin").mkdir(parents=True)
-    os.chmod(home, 0o755)
-    os.chmod(home / "bin", 0o755)
-    victim = _victim(tmp_path)
-    os.symlink(victim, home / "bin" / "qmail-queue")
+    home, victim = _planted(tmp_path, "qmail-queue")
     serve.make_embedded_home(os.fsencode(home))
     _intact(victim)
     assert not os.path.islink(home / "bin" / "qmail-queue")
@@ -75,13 +76,8 @@ def test_a_home_others_can_write_is_refused(tmp_path, where):
 
 @needs_root
 def test_as_root_a_home_another_user_owns_is_refused(tmp_path):
-    home = tmp_path / "qspp"
-    (home / "bin").mkdir(parents=True)
-    os.chmod(home, 0o755)
-    os.chmod(home / "bin", 0o755)
+    home, victim = _planted(tmp_path, "qmail-queue.new")
     os.chown(home / "bin", NOBODY, NOBODY)   # `chown -R nobody` on the bin dir
-    victim = _victim(tmp_path)
-    os.symlink(victim, home / "bin" / "qmail-queue.new")
     with pytest.raises(serve.SetupError) as e:
         serve.make_embedded_home(os.fsencode(home))
     assert str(e.value) == ("%s belongs to uid %d, not to root; refusing to use it as root"
