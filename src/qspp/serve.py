@@ -666,6 +666,25 @@ class _EmbeddedQueue:
         return Queue(pid, mw, ew)
 
 
+class _SessionAuthIO(smtpd._AuthIO):
+    """AUTH as smtpd does it, with a CRAM-MD5 challenge number unique per session.
+
+    netqmail's challenge is <pid.time@host>: unique because every connection
+    had a process of its own.  A worker serves many, so two sessions within a
+    second would be offered the same challenge, and a response overheard in
+    one could be replayed in the other.  The number is the worker's pid for
+    its first session and n * 10^7 + pid for its n-th after (a Linux pid is
+    below 2^22): unique among live workers and among one worker's sessions.
+    """
+
+    sessions = 0
+
+    def __init__(self):
+        super().__init__()
+        self.pid += _SessionAuthIO.sessions * 10_000_000
+        _SessionAuthIO.sessions += 1
+
+
 class Slots:
     """Which client address each worker is serving, in memory all workers share.
 
@@ -786,6 +805,7 @@ class Worker:
         signal.signal(signal.SIGALRM, self._on_alarm)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS + (signal.SIGUSR1,))
         server.close_in_worker()
+        smtpd._AuthIO = _SessionAuthIO
         if server.embedded_queue is not None:
             _EmbeddedQueue.program = server.embedded_queue
             _EmbeddedQueue.in_process = _link_based()

@@ -226,3 +226,21 @@ def test_a_message_cut_by_eof_leaves_nothing_behind(home, serve):
     run = c.txn(mail=b"MAIL FROM:<m@example.net>")
     assert run.message.count(b"X-Mail") == 1 and b"half" not in run.message
     assert c.cmd(b"QUIT") == QUIT
+
+
+def test_cram_md5_challenges_differ_between_sessions_of_one_worker(home, serve):
+    import re
+    install_checkpw(home)
+    s = serve("-c", "1", "--", "mx.example.org", "bin/checkpw", "/bin/true")
+    (worker,) = s.children()
+    seen = []
+    for _ in range(3):   # well within one second
+        c = s.connect()
+        m = re.fullmatch(rb"334 ([A-Za-z0-9+/=]+)\r\n", c.cmd(b"AUTH CRAM-MD5"))
+        challenge = base64.b64decode(m.group(1))
+        assert re.fullmatch(rb"<\d+\.\d+@mx\.example\.org>", challenge)
+        seen.append(challenge)
+        assert c.cmd(b"*").startswith(b"501 ")   # cancelled: no 5 s failure delay
+        assert c.cmd(b"QUIT") == QUIT
+    assert len(set(seen)) == 3, seen
+    assert seen[0].startswith(b"<%d." % worker)  # the first is netqmail's <pid.time@host>
