@@ -523,6 +523,12 @@ def _deliver_code(msg_fd, env_fd, maildir) -> int:
         return 81
 
 
+def _write_all(fd, data) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def _link_based() -> bool:
     """Does maildirqueue link() unique names into new/ (never replacing a file)?
 
@@ -537,14 +543,17 @@ def _link_based() -> bool:
 class _InProcessQueue:
     """The embedded home's delivery done by the session process itself.
 
-    Message and envelope go to anonymous files (the message may be large, so
-    on disk in the Maildir's tmp/); at the end maildirqueue.deliver reads them
-    exactly as it reads qmail-queue's two pipes, so the durability (the file
-    fsynced, linked into new/, new/ fsynced, all before the 250), the exit
-    codes and thus the replies are the queue program's.
+    Message and envelope go to anonymous files (the message to memory up to
+    SPILL bytes, then to an unnamed file in the Maildir's tmp/, so a big one
+    costs no memory); at the end maildirqueue.deliver reads them exactly as it
+    reads qmail-queue's two pipes, so the durability (the file fsynced, linked
+    into new/, new/ fsynced, all before the 250), the exit codes and thus the
+    replies are the queue program's.
     """
 
-    __slots__ = ("pid", "exec_error", "write_failed", "status", "_msg", "_maildir", "_fail")
+    SPILL = 1 << 20
+    __slots__ = ("pid", "exec_error", "write_failed", "status", "_msg", "_size", "_on_disk",
+                 "_maildir", "_fail")
 
     def __init__(self, env):
         self.pid = os.getpid()
@@ -552,31 +561,59 @@ class _InProcessQueue:
         self.write_failed = False
         self.status = None
         self._maildir = _maildir_of(env)
-        self._msg = -1
         self._fail = None
+        self._size = 0
+        self._on_disk = False
+        try:
+            self._msg = os.memfd_create("message", os.MFD_CLOEXEC)
+        except OSError:
+            self._msg = -1
+            self._fail = 81
+
+    def _spill(self) -> None:
+        """Move what is in memory to an unnamed file in tmp/ (made when missing,
+        as maildirqueue makes it)."""
         try:
             try:
-                self._msg = self._spool()
+                fd = self._tmpfile()
             except FileNotFoundError:
-                for part in ("", "/tmp", "/new", "/cur"):  # made when missing, as
-                    try:                                   # maildirqueue does
+                for part in ("", "/tmp", "/new", "/cur"):
+                    try:
                         os.mkdir(self._maildir + part, 0o700)
                     except FileExistsError:
                         pass
-                self._msg = self._spool()
+                fd = self._tmpfile()
         except OSError as e:
             self._fail = 53 if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO) else 61
+            return
+        try:
+            os.lseek(self._msg, 0, os.SEEK_SET)
+            while True:
+                chunk = os.read(self._msg, 65536)
+                if not chunk:
+                    break
+                _write_all(fd, chunk)
+        except OSError:
+            os.close(fd)
+            self.write_failed = True
+            return
+        os.close(self._msg)
+        self._msg = fd
+        self._on_disk = True
 
-    def _spool(self) -> int:
+    def _tmpfile(self) -> int:
         return os.open(self._maildir + "/tmp", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
 
     def write(self, data):
-        if self._msg < 0 or self.write_failed or not data:
+        if self._msg < 0 or self.write_failed or self._fail is not None or not data:
             return
-        view = memoryview(data)
+        self._size += len(data)
+        if self._size > self.SPILL and not self._on_disk:
+            self._spill()
+            if self.write_failed or self._fail is not None:
+                return
         try:
-            while view:
-                view = view[os.write(self._msg, view):]
+            _write_all(self._msg, data)
         except OSError:
             self.write_failed = True
 
@@ -605,9 +642,7 @@ class _InProcessQueue:
             return 81
         try:
             try:
-                view = memoryview(envelope)
-                while view:
-                    view = view[os.write(env_fd, view):]
+                _write_all(env_fd, envelope)
                 os.lseek(env_fd, 0, os.SEEK_SET)
                 os.lseek(self._msg, 0, os.SEEK_SET)
             except OSError:

@@ -31,8 +31,7 @@ def test_an_abort_delivers_nothing(tmp_path):
     q = _queue(tmp_path)
     q.write(b"half")
     assert q.finish(None).startswith(b"451 ")
-    assert os.listdir(tmp_path / "Maildir" / "new") == []
-    assert os.listdir(tmp_path / "Maildir" / "tmp") == []
+    assert not (tmp_path / "Maildir").exists()   # the message never left memory
 
 
 def test_a_malformed_envelope_is_the_scripts_exit_91(tmp_path):
@@ -58,3 +57,16 @@ def test_no_descriptor_is_left_open(tmp_path):
         q.write(b"x\n")
         q.finish(envelope)
     assert set(os.listdir("/proc/self/fd")) == before
+
+
+def test_a_big_message_goes_to_disk_not_memory(tmp_path, monkeypatch):
+    monkeypatch.setattr(serve._InProcessQueue, "SPILL", 100)
+    q = _queue(tmp_path)
+    q.write(b"Subject: big\n\n")
+    q.write(b"x" * 150 + b"\n")
+    assert os.readlink("/proc/self/fd/%d" % q._msg).startswith(str(tmp_path / "Maildir" / "tmp"))
+    q.write(b"end\n")
+    assert q.finish(ENVELOPE).startswith(b"250 ok ")
+    (name,) = os.listdir(tmp_path / "Maildir" / "new")
+    assert (tmp_path / "Maildir" / "new" / name).read_bytes().endswith(
+        b"Subject: big\n\n" + b"x" * 150 + b"\nend\n")
