@@ -87,6 +87,9 @@ DEFAULT_SESSION_TIME = 1200.0
 DEFAULT_PER_IP = 20
 KILL_WAIT = 2.0
 RULES_CHECK = 0.5       # how often the parent looks for a rerun of tcprules, to log it
+# Idle workers kept ready for the next clients.  More are started as sessions
+# take them, up to -c, so a large -c costs processes only under load.
+SPARE_WORKERS = 8
 # Variables tcpserver sets or unsets for every connection: what the parent's
 # own environment holds under these names must not reach a session.
 _PER_CONNECTION = (b"PROTO", b"TCPLOCALIP", b"TCPLOCALPORT", b"TCPLOCALHOST",
@@ -882,6 +885,7 @@ class Worker:
         slots = server.slots
         try:
             n = slots.take(self.index, Slots.key(remote[0]))
+            server.note_busy()
             if server.per_ip and n > server.per_ip:
                 conn.close()
                 server.log_per_ip(remote, n - 1)
@@ -970,8 +974,9 @@ class Server:
         self.pending = set()
         self.listener = None
         self.sel = None
-        self.respawn = set()    # slot indexes whose worker is to be started
-        self.resume_at = None   # when to try starting them again
+        self.spare = min(self.limit, SPARE_WORKERS)
+        self.free_slots = list(range(self.limit - 1, -1, -1))  # indexes no worker holds
+        self.resume_at = None   # after a failed fork or a worker dying at once
         self.stopping = False
         self.deadline = None
         self.killed = None      # when the stragglers got SIGTERM
@@ -1061,6 +1066,14 @@ class Server:
         self.sel.close()
         os.close(self.wake_r)
         os.close(self.wake_w)
+        os.close(self.note_r)
+
+    def note_busy(self):
+        """A worker took a client: the parent looks whether to start another."""
+        try:
+            os.write(self.note_w, b"\0")
+        except OSError:
+            pass  # the pipe is full: the parent has been told already
 
     # -- signals -------------------------------------------------------------
     def _on_signal(self, signum, frame):
@@ -1068,7 +1081,8 @@ class Server:
 
     def install_signals(self):
         self.wake_r, self.wake_w = os.pipe()
-        for fd in (self.wake_r, self.wake_w):
+        self.note_r, self.note_w = os.pipe()
+        for fd in (self.wake_r, self.wake_w, self.note_r, self.note_w):
             os.set_blocking(fd, False)
         signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
         for sig in _SIGNALS:
@@ -1079,10 +1093,10 @@ class Server:
     def run(self) -> int:
         self.sel = selectors.DefaultSelector()
         self.sel.register(self.wake_r, selectors.EVENT_READ)
+        self.sel.register(self.note_r, selectors.EVENT_READ)
         # what the parent has now is shared, unchanged, by every worker
         gc.freeze()
-        self.respawn = set(range(self.limit))
-        self.start_workers()
+        self.top_up()
         while True:
             now = time.monotonic()
             timeout = None
@@ -1097,9 +1111,9 @@ class Server:
                 until = self.killed + KILL_WAIT if self.killed is not None else self.deadline
                 left = max(0.0, until - now)
                 timeout = left if timeout is None else min(timeout, left)
-            if self.sel.select(timeout):
+            for key, _ in self.sel.select(timeout):
                 try:
-                    while os.read(self.wake_r, 512):
+                    while os.read(key.fd, 512):
                         pass
                 except BlockingIOError:
                     pass
@@ -1109,9 +1123,7 @@ class Server:
                 continue
             if self.rules_path is not None and self.rules_changed():
                 self.load_rules("file changed")
-            if self.respawn and (self.resume_at is None or time.monotonic() >= self.resume_at):
-                self.resume_at = None
-                self.start_workers()
+            self.top_up()
 
     def handle_signals(self):
         sigs, self.pending = self.pending, set()
@@ -1139,41 +1151,52 @@ class Server:
             if index is None:
                 continue
             self.slots.free(index)
+            self.free_slots.append(index)
             if self.stopping:
                 continue
             if os.WIFSIGNALED(status):
                 log("serve: worker %d killed by signal %d" % (pid, os.WTERMSIG(status)))
-            self.respawn.add(index)
             if time.monotonic() - started < 1.0 and status != 0:
                 # dying at once: do not fork in a tight loop
                 self.resume_at = time.monotonic() + 0.5
 
-    def start_workers(self):
-        while self.respawn:
-            index = self.respawn.pop()
-            signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS + (signal.SIGUSR1,))
-            try:
-                pid = os.fork()
-            except OSError as e:
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS + (signal.SIGUSR1,))
-                log("serve: fork: %s" % e.strerror)
-                self.respawn.add(index)
-                self.resume_at = time.monotonic() + 0.5
+    def top_up(self):
+        """Start workers until SPARE are idle, never more than -c in all."""
+        if self.resume_at is not None:
+            if time.monotonic() < self.resume_at:
                 return
-            if pid == 0:
-                status = 1
-                try:
-                    status = Worker(self, index).run()
-                except BaseException as e:  # noqa: B902 - nothing may return into the parent's loop
-                    try:
-                        log("internal error: %s: %s" % (type(e).__name__, e))
-                    except BaseException:
-                        pass
-                    status = 1
-                finally:
-                    os._exit(status)
-            self.workers[pid] = (index, time.monotonic())
+            self.resume_at = None
+        idle = len(self.workers) - self.slots.busy()
+        for _ in range(min(self.limit - len(self.workers), self.spare - idle)):
+            if not self.start_worker():
+                return
+
+    def start_worker(self) -> bool:
+        index = self.free_slots.pop()
+        signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS + (signal.SIGUSR1,))
+        try:
+            pid = os.fork()
+        except OSError as e:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS + (signal.SIGUSR1,))
+            log("serve: fork: %s" % e.strerror)
+            self.free_slots.append(index)
+            self.resume_at = time.monotonic() + 0.5
+            return False
+        if pid == 0:
+            status = 1
+            try:
+                status = Worker(self, index).run()
+            except BaseException as e:  # noqa: B902 - nothing may return into the parent's loop
+                try:
+                    log("internal error: %s: %s" % (type(e).__name__, e))
+                except BaseException:
+                    pass
+                status = 1
+            finally:
+                os._exit(status)
+        self.workers[pid] = (index, time.monotonic())
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS + (signal.SIGUSR1,))
+        return True
 
     def stop_accepting(self):
         self.stopping = True

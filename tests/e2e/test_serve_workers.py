@@ -244,3 +244,21 @@ def test_cram_md5_challenges_differ_between_sessions_of_one_worker(home, serve):
         assert c.cmd(b"QUIT") == QUIT
     assert len(set(seen)) == 3, seen
     assert seen[0].startswith(b"<%d." % worker)  # the first is netqmail's <pid.time@host>
+
+
+def test_workers_start_as_sessions_need_them(home, serve):
+    """-c 40 does not mean 40 idle processes: 8 wait, more start as sessions take
+    them, and -c stays the bound."""
+    s = serve("-c", "12")
+    wait_for(lambda: len(s.children()) == 8, 5, "8 spare workers")
+    time.sleep(0.3)
+    assert len(s.children()) == 8
+    clients = [s.connect() for _ in range(12)]   # the last four wait for new workers
+    assert len(s.sessions()) == 12 and len(s.children()) == 12
+    late = s.connect(greet=None)
+    late.silent(0.5)                      # -c 12: the thirteenth waits in the backlog
+    assert len(s.children()) == 12
+    for c in clients:
+        assert c.cmd(b"QUIT") == QUIT
+    assert late.reply() == GREETING
+    assert late.cmd(b"QUIT") == QUIT
