@@ -74,6 +74,9 @@ class ServeServer:
         m = wait_for(listening, timeout, "qspp serve to listen")
         assert int(m.group(1)) == self.proc.pid
         self.port = int(m.group(2))
+        # the listener is bound before the workers exist; a test counting them
+        # wants at least the first one
+        wait_for(self.children, timeout, "qspp serve's first worker")
         return self
 
     def connect(self, greet=GREETING, timeout=5.0, source=None) -> Client:
