@@ -462,7 +462,7 @@ def choose_home(ns, environ) -> "tuple[bytes, dict]":
 
 
 # ---------------------------------------------------------------------------
-# one connection, in the child
+# one connection, in a worker
 
 def connection_environ(base: dict, local, remote, localname, resolve) -> dict:
     """The variables tcpserver would set for this connection, over BASE."""
