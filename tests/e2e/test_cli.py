@@ -259,9 +259,6 @@ def test_check_finds_the_home_serve_made(home, tmp_path):
         assert p.stdout.endswith(b"\ncheck: 0 errors, 0 warnings, 0 notes\n")
 
 
-@pytest.mark.xfail(reason="the texts are in serve.py's main() and option types, which the"
-                   " serve branch owns: its embedded-home line prints str(OSError) and its"
-                   " option errors use %r", strict=False)
 @pytest.mark.parametrize("args, env", [
     (["--port", "0"], {"HOME": "/etc/passwd/x"}),    # the embedded home cannot be made
     (["--port", "abc"], {}),
