@@ -482,13 +482,3 @@ def probe(entry, timeout=10):
         c.close()
     return None
 
-
-def one_request(entry, phase: str, env, facts=None, name=b"", timeout=10) -> Result:
-    """For `qspp plugin-test`: one request for PHASE as a session would send it
-    (attributes from ENV and FACTS), on a connection of its own."""
-    servers = Servers()
-    try:
-        return servers.ask(entry, request(STATES[phase], env, facts or Facts()), timeout,
-                           phase, name)
-    finally:
-        servers.close()

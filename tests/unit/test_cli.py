@@ -1704,11 +1704,60 @@ def test_plugin_test_policy_entry(home, capsys):
         "answer: action=REJECT not here",
         "action: REJECT: refuse the command",
         "verdict: refused (sender not accepted, previous transaction untouched)",
-        'client gets: "554 5.7.1 <>: Sender address rejected: not here\\r\\n"',
+        'client gets: "554 5.7.1 <a@b.example>: Sender address rejected: not here\\r\\n"',
     ]
     assert status == 0
     (request,) = server.asked
-    assert b"protocol_state=MAIL" in request.split(b"\n")
+    attrs = request.split(b"\n")
+    assert b"protocol_state=MAIL" in attrs and b"sender=a@b.example" in attrs
+
+
+def asked_attrs(capsys, phase, *assignments, action=b"DUNNO"):
+    """The attributes of the one request plugin-test sends for PHASE."""
+    server = PolicyServer(action)
+    try:
+        status, out, _ = ptest(capsys, phase, "policy:inet:127.0.0.1:%d" % server.port,
+                               *assignments)
+    finally:
+        server.close()
+    (request,) = server.asked
+    return out, dict(line.split(b"=", 1) for line in request.split(b"\n"))
+
+
+SESSION = ("SMTPHELOHOST=client.example", "SMTPAUTHUSER=joe", "SMTPAUTHMETHOD=plain",
+           "TCPREMOTEIP=192.0.2.7", "SMTPMAILFROM=a@b.example", "SMTPRCPTTO=x@example.org")
+
+
+def test_plugin_test_policy_request_takes_the_assignments(home, capsys):
+    # As a session in that phase would send them (issue: they were empty).
+    out, rcpt = asked_attrs(capsys, "rcpt", *SESSION, action=b"REJECT no")
+    assert (rcpt[b"protocol_state"], rcpt[b"sender"], rcpt[b"recipient"], rcpt[b"helo_name"],
+            rcpt[b"sasl_username"], rcpt[b"sasl_method"], rcpt[b"client_address"],
+            rcpt[b"recipient_count"]) == (b"RCPT", b"a@b.example", b"x@example.org",
+                                          b"client.example", b"joe", b"plain", b"192.0.2.7",
+                                          b"0")
+    assert rcpt[b"instance"] != b""
+    assert out[-1] == 'client gets: "554 5.7.1 <x@example.org>: Recipient address rejected: no\\r\\n"'
+    # the recipients accepted so far: one, so DATA names it
+    _, data = asked_attrs(capsys, "data", *SESSION, "SMTPRCPTCOUNT=1")
+    assert (data[b"protocol_state"], data[b"sender"], data[b"recipient"],
+            data[b"recipient_count"]) == (b"DATA", b"a@b.example", b"x@example.org", b"1")
+    _, data = asked_attrs(capsys, "data", *SESSION, "SMTPRCPTCOUNT=2")
+    assert (data[b"recipient"], data[b"recipient_count"]) == (b"", b"2")
+    # [mail] reports the sender, not a recipient; [helo] neither
+    _, mail = asked_attrs(capsys, "mail", *SESSION)
+    assert (mail[b"sender"], mail[b"recipient"]) == (b"a@b.example", b"")
+    _, helo = asked_attrs(capsys, "helo", *SESSION)
+    assert (helo[b"sender"], helo[b"recipient"], helo[b"instance"]) == (b"", b"", b"")
+
+
+def test_plugin_test_policy_request_body(home, capsys, tmp_path):
+    msg = tmp_path / "msg"
+    msg.write_bytes(b"Subject: x\n\nhello\n")
+    _, body = asked_attrs(capsys, "body", *SESSION, "SMTPRCPTCOUNT=1", "--message", str(msg))
+    assert (body[b"protocol_state"], body[b"sender"], body[b"recipient"],
+            body[b"recipient_count"], body[b"size"]) == (
+        b"END-OF-MESSAGE", b"a@b.example", b"x@example.org", b"1", b"18")
 
 
 def test_plugin_test_policy_entry_down(home, capsys):
