@@ -664,10 +664,11 @@ class Milter:
     def name(self) -> bytes:
         return self.spec.address
 
-    def negotiate(self) -> None:
+    def negotiate(self, limit=None) -> None:
+        """limit: a time.monotonic() value the answer may not wait past."""
         self.link.open()
         self.link.send(optneg())
-        cmd, data = self.link.receive()
+        cmd, data = self.link.receive(limit)
         if cmd != b"O":
             raise MilterError("answered option negotiation with %r" % cmd)
         version, actions, protocol, lists = parse_optneg(data)
@@ -1018,14 +1019,20 @@ def pieces(spool, headers: bytes):
     return [(spool.fd, 0, spool.split), headers, (spool.fd, spool.split, spool.size)]
 
 
+# A milter that keeps `qspp check` waiting longer is as good as down, whatever
+# its timeout: connecting and negotiating get this much in all.
+CHECK_SECONDS = 5
+
+
 def check(env):
     """For `qspp check`: [(address, ok, text)] after connecting to and
     negotiating with each milter; raises ConfigError or control.ControlError."""
     results = []
     for spec in load(env):
-        m = Milter(spec)
+        seconds = min(spec.timeout, CHECK_SECONDS)
+        m = Milter(Spec(spec.address, seconds, spec.default))
         try:
-            m.negotiate()
+            m.negotiate(time.monotonic() + seconds)
         except MilterError as e:
             results.append((spec.address, False, str(e)))
         else:

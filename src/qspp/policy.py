@@ -468,14 +468,23 @@ class Servers:
             c.close()
 
 
-def probe(entry, timeout=10):
-    """For `qspp check`: connect to ENTRY's server and close again.
-    Returns None when it accepted the connection, else (WHAT, detail)."""
+# A server that keeps `qspp check` waiting longer is as good as down, whatever
+# the entry's timeout.
+PROBE_SECONDS = 5
+
+
+def probe(entry, timeout=0):
+    """For `qspp check`: connect to ENTRY's server and close again, waiting as
+    long as a session would (the entry's timeout=, else TIMEOUT, 0 for none)
+    but at most PROBE_SECONDS. Returns None when it accepted the connection,
+    else (WHAT, detail)."""
     if entry.error is not None:
         return BAD_ENTRY, entry.error
+    seconds = entry.timeout if entry.timeout is not None else timeout
+    seconds = min(seconds or PROBE_SECONDS, PROBE_SECONDS)
     c = Client(entry.family, entry.address)
     try:
-        c._connect(_monotonic() + (entry.timeout or timeout))
+        c._connect(_monotonic() + seconds)
     except Failure as f:
         return f.what, f.detail
     finally:

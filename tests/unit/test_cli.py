@@ -1933,3 +1933,82 @@ def test_check_unreadable_milter_list(home, capsys):
     assert findings(out)[0] == ("error: unable to read control/smtpmilters: Is a directory"
                                 " (connections get 421 unable to read controls (#4.3.0))")
     assert status == 1
+
+
+# --- check's probes are bounded however long the entries' timeouts -----------------
+
+@pytest.fixture
+def syn_dropping_port():
+    """A 127.0.0.1 port whose full listen queue makes the kernel drop new SYNs
+    silently, as a firewalled host does: a connect there just waits."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    fillers = []
+    try:
+        for _ in range(8):
+            s = socket.socket()
+            fillers.append(s)
+            s.settimeout(0.3)
+            try:
+                s.connect(listener.getsockname())
+            except TimeoutError:
+                break
+        else:
+            pytest.fail("the listen queue never filled")
+        yield listener.getsockname()[1]
+    finally:
+        for s in fillers:
+            s.close()
+        listener.close()
+
+
+def test_check_milter_probe_capped(home, capsys, fake, monkeypatch, syn_dropping_port):
+    from qspp import milter
+    # 1 s stands for the 5 s cap; the entries wait 30 s by default
+    monkeypatch.setattr(milter, "CHECK_SECONDS", 1, raising=False)
+    silent = fake("silent.sock", negotiation=b"")
+    milters(home, b"inet:127.0.0.1:%d\n%s\n" % (syn_dropping_port, at(silent)))
+    started = time.monotonic()
+    status, out, _ = run(capsys, "check")
+    took = time.monotonic() - started
+    assert out[MILTER_LINE + 1:MILTER_LINE + 3] == [
+        "  inet:127.0.0.1:%d (timeout 30 s, default=tempfail): failed: connect timeout"
+        % syn_dropping_port,
+        "  unix:%s (timeout 30 s, default=tempfail): failed: timeout" % silent.path,
+    ]
+    assert 2 <= took < 5
+
+
+def test_check_milter_probe_total_is_capped(fake, monkeypatch):
+    # connect and negotiation share one bound: a milter that answers nothing
+    # after a slow connect does not get the cap twice
+    from qspp import milter
+    monkeypatch.setattr(milter, "CHECK_SECONDS", 1, raising=False)
+    opened = milter.Link.open
+
+    def slow_open(link):
+        opened(link)
+        time.sleep(0.8)
+    monkeypatch.setattr(milter.Link, "open", slow_open)
+    silent = fake("silent.sock", negotiation=b"")
+    with open(silent.path + ".list", "wb") as f:
+        f.write(at(silent) + b" timeout=30\n")
+    started = time.monotonic()
+    results = milter.check({b"MILTERS": (silent.path + ".list").encode()})
+    took = time.monotonic() - started
+    assert results == [(at(silent), False, "timeout")]
+    assert took < 1.5
+
+
+def test_check_policy_probe_capped(home, capsys, monkeypatch, syn_dropping_port):
+    from qspp import policy
+    monkeypatch.setattr(policy, "PROBE_SECONDS", 1, raising=False)
+    config(home, b"[rcpt]\npolicy:inet:127.0.0.1:%d timeout=30\n" % syn_dropping_port)
+    started = time.monotonic()
+    status, out, _ = run(capsys, "check")
+    took = time.monotonic() - started
+    assert out[PRE + 2] == ("  line 2: policy:inet:127.0.0.1:%d timeout=30 -> policy server"
+                            " inet:127.0.0.1:%d: failed: timeout (connecting)"
+                            % (syn_dropping_port, syn_dropping_port))
+    assert took < 3
