@@ -16,7 +16,7 @@ import errno
 import posix
 import time
 
-from . import control, replies
+from . import control, inet, replies
 from .diag import log
 
 DEFAULT_PATH = b"control/smtpmilters"
@@ -93,6 +93,13 @@ class MilterError(Exception):
 
 # -- configuration -----------------------------------------------------------
 
+def _inet_targets(host: bytes, port: bytes):
+    try:
+        return inet.targets(host.strip(b"[]").decode("ascii"), int(port))
+    except UnicodeError:
+        return None
+
+
 class Spec:
     __slots__ = ("address", "timeout", "default")
 
@@ -115,6 +122,8 @@ def parse_line(line: bytes) -> Spec:
         host, sep, port = rest.rpartition(b":")
         if not sep or not port.isdigit() or len(port) > 5 or not 0 < int(port) < 65536:
             raise ConfigError(b"bad milter address (inet:HOST:PORT): " + address)
+        if host and _inet_targets(host, port) is None:
+            raise ConfigError(b"bad milter address (%s): %s" % (inet.NAME_REFUSED, address))
     elif kind in (b"unix", b"local"):
         if not rest:
             raise ConfigError(b"bad milter address (unix:PATH): " + address)
@@ -268,24 +277,31 @@ class Link:
     def open(self) -> None:
         kind, _, rest = self.spec.address.partition(b":")
         deadline = time.monotonic() + self.spec.timeout
-        try:
-            if kind == b"inet":
-                host, _, port = rest.rpartition(b":")
-                host = host.strip(b"[]").decode("ascii", "replace") or "127.0.0.1"
-                family = _socket.AF_INET6 if ":" in host else _socket.AF_INET
-                sock = _socket.socket(family, _socket.SOCK_STREAM)
-                address = (host, int(port))
-            else:
-                sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
-                address = rest
-            self.sock = sock
-            sock.settimeout(self.spec.timeout)
-            sock.connect(address)
-        except TimeoutError:
-            raise MilterError("connect timeout")
-        except (OSError, UnicodeError) as e:
-            raise MilterError("cannot connect: %s" % (getattr(e, "strerror", None) or e))
-        self.deadline = deadline
+        if kind == b"inet":
+            host, _, port = rest.rpartition(b":")
+            targets = _inet_targets(host or b"127.0.0.1", port)
+            if targets is None:  # parse_line refuses such addresses
+                raise MilterError("cannot connect: " + inet.NAME_REFUSED.decode())
+        else:
+            targets = [(_socket.AF_UNIX, rest)]
+        error = None
+        for family, address in targets:
+            self.close()
+            try:
+                self.sock = sock = _socket.socket(family, _socket.SOCK_STREAM)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError()
+                sock.settimeout(left)
+                sock.connect(address)
+            except TimeoutError:
+                raise MilterError("connect timeout")
+            except OSError as e:
+                error = e
+                continue
+            self.deadline = deadline
+            return
+        raise MilterError("cannot connect: %s" % (error.strerror or error))
 
     def send(self, data: bytes) -> None:
         """Queued until a reply is awaited or 64 KiB are pending: events that

@@ -96,12 +96,10 @@ class Client:
         if self.family == "unix":
             targets = [(_socket.AF_UNIX, self.address)]
         else:
-            host, port = self.address
-            try:
-                infos = _socket.getaddrinfo(host, port, 0, _socket.SOCK_STREAM)
-            except OSError as e:
-                raise Failure(CANT_CONNECT, _reason(e))
-            targets = [(info[0], info[4]) for info in infos]
+            from . import inet
+            targets = inet.targets(*self.address)
+            if targets is None:  # policy_entry refuses such entries
+                raise Failure(BAD_ENTRY, inet.NAME_REFUSED)
         error = None
         for family, addr in targets:
             sock = _socket.socket(family, _socket.SOCK_STREAM)

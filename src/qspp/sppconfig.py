@@ -236,6 +236,10 @@ def policy_entry(entry):
                 pe.family = "inet"
             except UnicodeDecodeError:
                 pe.error = b"bad host"
+            else:
+                from . import inet
+                if inet.targets(*pe.address) is None:
+                    pe.error = inet.NAME_REFUSED
     elif endpoint[:5] == b"unix:":
         if len(endpoint) == 5:
             pe.error = b"unix needs a PATH"

@@ -467,3 +467,20 @@ def test_probe(policy_server):
         closed = policy_entry(b"policy:inet:127.0.0.1:%d" % s.getsockname()[1])
     assert policy.probe(closed) == (policy.CANT_CONNECT, b"Connection refused")
     assert policy.probe(policy_entry(b"policy:inet:x")) == (policy.BAD_ENTRY, b"inet needs HOST:PORT")
+
+
+@pytest.mark.parametrize("family, address", [(socket.AF_INET, "127.0.0.1"),
+                                             (socket.AF_INET6, "::1")])
+def test_localhost_reaches_either_loopback(family, address):
+    # localhost needs no resolver: 127.0.0.1, then ::1, for policy servers and milters
+    from qspp import milter, policy
+    from qspp.sppconfig import policy_entry
+    with socket.socket(family) as listener:
+        listener.bind((address, 0))
+        listener.listen(4)
+        port = listener.getsockname()[1]
+        assert policy.probe(policy_entry(b"policy:inet:localhost:%d" % port)) is None
+        link = milter.Link(milter.parse_line(b"inet:localhost:%d timeout=2" % port))
+        link.open()
+        assert link.sock.getpeername()[:2] == (address, port)
+        link.close()
