@@ -284,24 +284,14 @@ class Link:
                 raise MilterError("cannot connect: " + inet.NAME_REFUSED.decode())
         else:
             targets = [(_socket.AF_UNIX, rest)]
-        error = None
-        for family, address in targets:
-            self.close()
-            try:
-                self.sock = sock = _socket.socket(family, _socket.SOCK_STREAM)
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError()
-                sock.settimeout(left)
-                sock.connect(address)
-            except TimeoutError:
-                raise MilterError("connect timeout")
-            except OSError as e:
-                error = e
-                continue
-            self.deadline = deadline
-            return
-        raise MilterError("cannot connect: %s" % (error.strerror or error))
+        self.close()
+        try:
+            self.sock = inet.connect(targets, deadline)
+        except TimeoutError:
+            raise MilterError("connect timeout")
+        except OSError as e:
+            raise MilterError("cannot connect: %s" % (e.strerror or e))
+        self.deadline = deadline
 
     def send(self, data: bytes) -> None:
         """Queued until a reply is awaited or 64 KiB are pending: events that
@@ -351,12 +341,8 @@ class Link:
             self.decoder.feed(data)
 
     def close(self) -> None:
-        if self.sock is not None:
-            try:
-                self.sock.close()
-            except OSError:
-                pass
-            self.sock = None
+        inet.close(self.sock)
+        self.sock = None
 
 
 # -- the message as qmail-queue will get it ------------------------------------

@@ -16,9 +16,9 @@ cost every such connection a few milliseconds.
 """
 
 import _socket
-import posix
 import time
 
+from . import inet
 from .diag import log
 
 # The failure WHATs of `451 qmail-spp failure: ENTRY: WHAT (#4.3.0)` (spp.md §4.5).
@@ -85,43 +85,29 @@ class Client:
         self.connects = 0
 
     def close(self) -> None:
-        if self.sock is not None:
-            try:
-                self.sock.close()
-            except OSError:
-                pass
-            self.sock = None
+        inet.close(self.sock)
+        self.sock = None
 
     def _connect(self, deadline) -> None:
         if self.family == "unix":
             targets = [(_socket.AF_UNIX, self.address)]
         else:
-            from . import inet
             targets = inet.targets(*self.address)
             if targets is None:  # policy_entry refuses such entries
                 raise Failure(BAD_ENTRY, inet.NAME_REFUSED)
-        error = None
-        for family, addr in targets:
-            sock = _socket.socket(family, _socket.SOCK_STREAM)
+        try:
+            sock = inet.connect(targets, deadline)
+        except TimeoutError:
+            raise Failure(TIMEOUT, b"connecting")
+        except OSError as e:
+            raise Failure(CANT_CONNECT, _reason(e))
+        if self.family != "unix":
             try:
-                _settimeout(sock, deadline)
-                sock.connect(addr)
-            except TimeoutError:
-                sock.close()
-                raise Failure(TIMEOUT, b"connecting")
-            except OSError as e:
-                sock.close()
-                error = e
-                continue
-            if family != _socket.AF_UNIX:
-                try:
-                    sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
-                except OSError:
-                    pass
-            self.sock = sock
-            self.connects += 1
-            return
-        raise Failure(CANT_CONNECT, _reason(error) if error is not None else b"no address")
+                sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+        self.sock = sock
+        self.connects += 1
 
     def ask(self, request: bytes, deadline) -> bytes:
         """Send one request, return the answer's action value.
