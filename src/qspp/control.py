@@ -83,7 +83,7 @@ def _read(path, first_line: bool) -> "bytes | None":
     if fd is None:
         return None
     try:
-        data = _read_fd(fd, first_line)
+        data = read_fd(fd, first_line)
         st = posix.fstat(fd)
     except OSError as e:
         raise ControlError(path, e.errno) from None
@@ -94,7 +94,8 @@ def _read(path, first_line: bool) -> "bytes | None":
     return data
 
 
-def _read_fd(fd: int, first_line: bool) -> bytes:
+def read_fd(fd: int, first_line: bool = False) -> bytes:
+    """FD's content to its end (with FIRST_LINE: up to the first LF, excluded)."""
     chunks = []
     while True:
         chunk = posix.read(fd, _CHUNK)

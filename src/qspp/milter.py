@@ -16,7 +16,7 @@ import errno
 import posix
 import time
 
-from . import control, replies
+from . import control, inet, replies
 from .diag import log
 
 DEFAULT_PATH = b"control/smtpmilters"
@@ -93,6 +93,13 @@ class MilterError(Exception):
 
 # -- configuration -----------------------------------------------------------
 
+def _inet_targets(host: bytes, port: bytes):
+    try:
+        return inet.targets(host.strip(b"[]").decode("ascii"), int(port))
+    except UnicodeError:
+        return None
+
+
 class Spec:
     __slots__ = ("address", "timeout", "default")
 
@@ -115,6 +122,8 @@ def parse_line(line: bytes) -> Spec:
         host, sep, port = rest.rpartition(b":")
         if not sep or not port.isdigit() or len(port) > 5 or not 0 < int(port) < 65536:
             raise ConfigError(b"bad milter address (inet:HOST:PORT): " + address)
+        if host and _inet_targets(host, port) is None:
+            raise ConfigError(b"bad milter address (%s): %s" % (inet.NAME_REFUSED, address))
     elif kind in (b"unix", b"local"):
         if not rest:
             raise ConfigError(b"bad milter address (unix:PATH): " + address)
@@ -268,23 +277,20 @@ class Link:
     def open(self) -> None:
         kind, _, rest = self.spec.address.partition(b":")
         deadline = time.monotonic() + self.spec.timeout
+        if kind == b"inet":
+            host, _, port = rest.rpartition(b":")
+            targets = _inet_targets(host or b"127.0.0.1", port)
+            if targets is None:  # parse_line refuses such addresses
+                raise MilterError("cannot connect: " + inet.NAME_REFUSED.decode())
+        else:
+            targets = [(_socket.AF_UNIX, rest)]
+        self.close()
         try:
-            if kind == b"inet":
-                host, _, port = rest.rpartition(b":")
-                host = host.strip(b"[]").decode("ascii", "replace") or "127.0.0.1"
-                family = _socket.AF_INET6 if ":" in host else _socket.AF_INET
-                sock = _socket.socket(family, _socket.SOCK_STREAM)
-                address = (host, int(port))
-            else:
-                sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
-                address = rest
-            self.sock = sock
-            sock.settimeout(self.spec.timeout)
-            sock.connect(address)
+            self.sock = inet.connect(targets, deadline)
         except TimeoutError:
             raise MilterError("connect timeout")
-        except (OSError, UnicodeError) as e:
-            raise MilterError("cannot connect: %s" % (getattr(e, "strerror", None) or e))
+        except OSError as e:
+            raise MilterError("cannot connect: %s" % (e.strerror or e))
         self.deadline = deadline
 
     def send(self, data: bytes) -> None:
@@ -335,12 +341,8 @@ class Link:
             self.decoder.feed(data)
 
     def close(self) -> None:
-        if self.sock is not None:
-            try:
-                self.sock.close()
-            except OSError:
-                pass
-            self.sock = None
+        inet.close(self.sock)
+        self.sock = None
 
 
 # -- the message as qmail-queue will get it ------------------------------------
@@ -664,10 +666,11 @@ class Milter:
     def name(self) -> bytes:
         return self.spec.address
 
-    def negotiate(self) -> None:
+    def negotiate(self, limit=None) -> None:
+        """limit: a time.monotonic() value the answer may not wait past."""
         self.link.open()
         self.link.send(optneg())
-        cmd, data = self.link.receive()
+        cmd, data = self.link.receive(limit)
         if cmd != b"O":
             raise MilterError("answered option negotiation with %r" % cmd)
         version, actions, protocol, lists = parse_optneg(data)
@@ -1018,14 +1021,20 @@ def pieces(spool, headers: bytes):
     return [(spool.fd, 0, spool.split), headers, (spool.fd, spool.split, spool.size)]
 
 
+# A milter that keeps `qspp check` waiting longer is as good as down, whatever
+# its timeout: connecting and negotiating get this much in all.
+CHECK_SECONDS = 5
+
+
 def check(env):
     """For `qspp check`: [(address, ok, text)] after connecting to and
     negotiating with each milter; raises ConfigError or control.ControlError."""
     results = []
     for spec in load(env):
-        m = Milter(spec)
+        seconds = min(spec.timeout, CHECK_SECONDS)
+        m = Milter(Spec(spec.address, seconds, spec.default))
         try:
-            m.negotiate()
+            m.negotiate(time.monotonic() + seconds)
         except MilterError as e:
             results.append((spec.address, False, str(e)))
         else:

@@ -253,6 +253,7 @@ def cmd_plugin_test(phase, entry, assignments, message, environ, qmailhome=None)
             asked.append(r)
             return r
         servers.ask = recording_ask
+        engine.transaction_from_env(phase)
     try:
         # _run, not the public hooks: those set SMTPHELOHOST, SMTPMAILFROM,
         # the counters... from SMTP state this command does not have; here the

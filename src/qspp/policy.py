@@ -16,9 +16,9 @@ cost every such connection a few milliseconds.
 """
 
 import _socket
-import posix
 import time
 
+from . import inet
 from .diag import log
 
 # The failure WHATs of `451 qmail-spp failure: ENTRY: WHAT (#4.3.0)` (spp.md §4.5).
@@ -85,45 +85,29 @@ class Client:
         self.connects = 0
 
     def close(self) -> None:
-        if self.sock is not None:
-            try:
-                self.sock.close()
-            except OSError:
-                pass
-            self.sock = None
+        inet.close(self.sock)
+        self.sock = None
 
     def _connect(self, deadline) -> None:
         if self.family == "unix":
             targets = [(_socket.AF_UNIX, self.address)]
         else:
-            host, port = self.address
+            targets = inet.targets(*self.address)
+            if targets is None:  # policy_entry refuses such entries
+                raise Failure(BAD_ENTRY, inet.NAME_REFUSED)
+        try:
+            sock = inet.connect(targets, deadline)
+        except TimeoutError:
+            raise Failure(TIMEOUT, b"connecting")
+        except OSError as e:
+            raise Failure(CANT_CONNECT, _reason(e))
+        if self.family != "unix":
             try:
-                infos = _socket.getaddrinfo(host, port, 0, _socket.SOCK_STREAM)
-            except OSError as e:
-                raise Failure(CANT_CONNECT, _reason(e))
-            targets = [(info[0], info[4]) for info in infos]
-        error = None
-        for family, addr in targets:
-            sock = _socket.socket(family, _socket.SOCK_STREAM)
-            try:
-                _settimeout(sock, deadline)
-                sock.connect(addr)
-            except TimeoutError:
-                sock.close()
-                raise Failure(TIMEOUT, b"connecting")
-            except OSError as e:
-                sock.close()
-                error = e
-                continue
-            if family != _socket.AF_UNIX:
-                try:
-                    sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
-                except OSError:
-                    pass
-            self.sock = sock
-            self.connects += 1
-            return
-        raise Failure(CANT_CONNECT, _reason(error) if error is not None else b"no address")
+                sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+        self.sock = sock
+        self.connects += 1
 
     def ask(self, request: bytes, deadline) -> bytes:
         """Send one request, return the answer's action value.
@@ -468,27 +452,26 @@ class Servers:
             c.close()
 
 
-def probe(entry, timeout=10):
-    """For `qspp check`: connect to ENTRY's server and close again.
-    Returns None when it accepted the connection, else (WHAT, detail)."""
+# A server that keeps `qspp check` waiting longer is as good as down, whatever
+# the entry's timeout.
+PROBE_SECONDS = 5
+
+
+def probe(entry, timeout=0):
+    """For `qspp check`: connect to ENTRY's server and close again, waiting as
+    long as a session would (the entry's timeout=, else TIMEOUT, 0 for none)
+    but at most PROBE_SECONDS. Returns None when it accepted the connection,
+    else (WHAT, detail)."""
     if entry.error is not None:
         return BAD_ENTRY, entry.error
+    seconds = entry.timeout if entry.timeout is not None else timeout
+    seconds = min(seconds or PROBE_SECONDS, PROBE_SECONDS)
     c = Client(entry.family, entry.address)
     try:
-        c._connect(_monotonic() + (entry.timeout or timeout))
+        c._connect(_monotonic() + seconds)
     except Failure as f:
         return f.what, f.detail
     finally:
         c.close()
     return None
 
-
-def one_request(entry, phase: str, env, facts=None, name=b"", timeout=10) -> Result:
-    """For `qspp plugin-test`: one request for PHASE as a session would send it
-    (attributes from ENV and FACTS), on a connection of its own."""
-    servers = Servers()
-    try:
-        return servers.ask(entry, request(STATES[phase], env, facts or Facts()), timeout,
-                           phase, name)
-    finally:
-        servers.close()

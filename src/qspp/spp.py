@@ -282,6 +282,31 @@ class SppEngine:
                     self._policies[entry] = pe
         self._servers = policy.Servers()
 
+    def transaction_from_env(self, phase) -> None:
+        """For `qspp plugin-test`: the transaction a session would have reached
+        PHASE with, taken from SMTPMAILFROM, SMTPRCPTTO and SMTPRCPTCOUNT (the
+        recipients accepted so far), so that policy requests report it and a
+        refusal names the address."""
+        if phase not in ("mail", "rcpt", "data", "body"):
+            return
+        env = self.env
+        sender = env.get(b"SMTPMAILFROM", b"")
+        recipient = env.get(b"SMTPRCPTTO", b"")
+        count = env.get(b"SMTPRCPTCOUNT", b"")
+        count = int(count) if count.isdigit() and len(count) < 10 else int(bool(recipient))
+        self._txn_instance = self._instance()
+        if phase == "mail":
+            self.address = sender
+            return
+        self._txn_sender = sender
+        if phase == "rcpt":
+            self.address = recipient
+            return
+        self.rcptcount = count
+        self._txn_first = recipient
+        if phase == "body":
+            self._message = (sender, recipient, count, self._txn_instance, 0)
+
     def _instance(self) -> bytes:
         # Postfix's form: pid, arrival time, sequence number, in hex
         self._seqno += 1

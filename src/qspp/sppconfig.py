@@ -101,17 +101,12 @@ def load_config(env):
 def _read_file(path):
     # posix.open on a directory succeeds on Linux; the EISDIR comes from read,
     # which is why reading happens inside the same error handling.
+    from .control import read_fd
     fd = posix.open(path, posix.O_RDONLY | posix.O_CLOEXEC)
     try:
-        chunks = []
-        while True:
-            b = posix.read(fd, 65536)
-            if not b:
-                break
-            chunks.append(b)
+        return read_fd(fd)
     finally:
         posix.close(fd)
-    return b"".join(chunks)
 
 
 def parse(data, path=DEFAULT_PATH):
@@ -236,6 +231,10 @@ def policy_entry(entry):
                 pe.family = "inet"
             except UnicodeDecodeError:
                 pe.error = b"bad host"
+            else:
+                from . import inet
+                if inet.targets(*pe.address) is None:
+                    pe.error = inet.NAME_REFUSED
     elif endpoint[:5] == b"unix:":
         if len(endpoint) == 5:
             pe.error = b"unix needs a PATH"

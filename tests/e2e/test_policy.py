@@ -455,20 +455,32 @@ def test_spplog_shows_policy_runs(home, smtpd, policy_server):
 
 # -- what `qspp check` and `qspp plugin-test` can call --------------------------------
 
-def test_probe_and_one_request(policy_server):
+def test_probe(policy_server):
     from qspp import policy
     from qspp.sppconfig import policy_entry
     srv = policy_server("REJECT 5.7.0 not from there")
     pe = policy_entry(("policy:%s timeout=2" % srv.endpoint).encode())
     assert policy.probe(pe) is None
-    res = policy.one_request(pe, "rcpt", {b"TCPREMOTEIP": b"192.0.2.1"}, name=b"x@example.org")
-    assert (res.failure, res.action) == (None, b"REJECT 5.7.0 not from there")
-    assert res.decision.text == b"554 5.7.0 <x@example.org>: Recipient address rejected: not from there"
-    assert srv.states() == ["RCPT"] and srv.requests[0][1]["client_address"] == "192.0.2.1"
+    assert srv.requests == []
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         closed = policy_entry(b"policy:inet:127.0.0.1:%d" % s.getsockname()[1])
     assert policy.probe(closed) == (policy.CANT_CONNECT, b"Connection refused")
-    res = policy.one_request(closed, "helo", {})
-    assert (res.failure, res.decision) == (policy.CANT_CONNECT, None)
     assert policy.probe(policy_entry(b"policy:inet:x")) == (policy.BAD_ENTRY, b"inet needs HOST:PORT")
+
+
+@pytest.mark.parametrize("family, address", [(socket.AF_INET, "127.0.0.1"),
+                                             (socket.AF_INET6, "::1")])
+def test_localhost_reaches_either_loopback(family, address):
+    # localhost needs no resolver: 127.0.0.1, then ::1, for policy servers and milters
+    from qspp import milter, policy
+    from qspp.sppconfig import policy_entry
+    with socket.socket(family) as listener:
+        listener.bind((address, 0))
+        listener.listen(4)
+        port = listener.getsockname()[1]
+        assert policy.probe(policy_entry(b"policy:inet:localhost:%d" % port)) is None
+        link = milter.Link(milter.parse_line(b"inet:localhost:%d timeout=2" % port))
+        link.open()
+        assert link.sock.getpeername()[:2] == (address, port)
+        link.close()

@@ -1704,11 +1704,60 @@ def test_plugin_test_policy_entry(home, capsys):
         "answer: action=REJECT not here",
         "action: REJECT: refuse the command",
         "verdict: refused (sender not accepted, previous transaction untouched)",
-        'client gets: "554 5.7.1 <>: Sender address rejected: not here\\r\\n"',
+        'client gets: "554 5.7.1 <a@b.example>: Sender address rejected: not here\\r\\n"',
     ]
     assert status == 0
     (request,) = server.asked
-    assert b"protocol_state=MAIL" in request.split(b"\n")
+    attrs = request.split(b"\n")
+    assert b"protocol_state=MAIL" in attrs and b"sender=a@b.example" in attrs
+
+
+def asked_attrs(capsys, phase, *assignments, action=b"DUNNO"):
+    """The attributes of the one request plugin-test sends for PHASE."""
+    server = PolicyServer(action)
+    try:
+        status, out, _ = ptest(capsys, phase, "policy:inet:127.0.0.1:%d" % server.port,
+                               *assignments)
+    finally:
+        server.close()
+    (request,) = server.asked
+    return out, dict(line.split(b"=", 1) for line in request.split(b"\n"))
+
+
+SESSION = ("SMTPHELOHOST=client.example", "SMTPAUTHUSER=joe", "SMTPAUTHMETHOD=plain",
+           "TCPREMOTEIP=192.0.2.7", "SMTPMAILFROM=a@b.example", "SMTPRCPTTO=x@example.org")
+
+
+def test_plugin_test_policy_request_takes_the_assignments(home, capsys):
+    # As a session in that phase would send them (issue: they were empty).
+    out, rcpt = asked_attrs(capsys, "rcpt", *SESSION, action=b"REJECT no")
+    assert (rcpt[b"protocol_state"], rcpt[b"sender"], rcpt[b"recipient"], rcpt[b"helo_name"],
+            rcpt[b"sasl_username"], rcpt[b"sasl_method"], rcpt[b"client_address"],
+            rcpt[b"recipient_count"]) == (b"RCPT", b"a@b.example", b"x@example.org",
+                                          b"client.example", b"joe", b"plain", b"192.0.2.7",
+                                          b"0")
+    assert rcpt[b"instance"] != b""
+    assert out[-1] == 'client gets: "554 5.7.1 <x@example.org>: Recipient address rejected: no\\r\\n"'
+    # the recipients accepted so far: one, so DATA names it
+    _, data = asked_attrs(capsys, "data", *SESSION, "SMTPRCPTCOUNT=1")
+    assert (data[b"protocol_state"], data[b"sender"], data[b"recipient"],
+            data[b"recipient_count"]) == (b"DATA", b"a@b.example", b"x@example.org", b"1")
+    _, data = asked_attrs(capsys, "data", *SESSION, "SMTPRCPTCOUNT=2")
+    assert (data[b"recipient"], data[b"recipient_count"]) == (b"", b"2")
+    # [mail] reports the sender, not a recipient; [helo] neither
+    _, mail = asked_attrs(capsys, "mail", *SESSION)
+    assert (mail[b"sender"], mail[b"recipient"]) == (b"a@b.example", b"")
+    _, helo = asked_attrs(capsys, "helo", *SESSION)
+    assert (helo[b"sender"], helo[b"recipient"], helo[b"instance"]) == (b"", b"", b"")
+
+
+def test_plugin_test_policy_request_body(home, capsys, tmp_path):
+    msg = tmp_path / "msg"
+    msg.write_bytes(b"Subject: x\n\nhello\n")
+    _, body = asked_attrs(capsys, "body", *SESSION, "SMTPRCPTCOUNT=1", "--message", str(msg))
+    assert (body[b"protocol_state"], body[b"sender"], body[b"recipient"],
+            body[b"recipient_count"], body[b"size"]) == (
+        b"END-OF-MESSAGE", b"a@b.example", b"x@example.org", b"1", b"18")
 
 
 def test_plugin_test_policy_entry_down(home, capsys):
@@ -1884,3 +1933,82 @@ def test_check_unreadable_milter_list(home, capsys):
     assert findings(out)[0] == ("error: unable to read control/smtpmilters: Is a directory"
                                 " (connections get 421 unable to read controls (#4.3.0))")
     assert status == 1
+
+
+# --- check's probes are bounded however long the entries' timeouts -----------------
+
+@pytest.fixture
+def syn_dropping_port():
+    """A 127.0.0.1 port whose full listen queue makes the kernel drop new SYNs
+    silently, as a firewalled host does: a connect there just waits."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    fillers = []
+    try:
+        for _ in range(8):
+            s = socket.socket()
+            fillers.append(s)
+            s.settimeout(0.3)
+            try:
+                s.connect(listener.getsockname())
+            except TimeoutError:
+                break
+        else:
+            pytest.fail("the listen queue never filled")
+        yield listener.getsockname()[1]
+    finally:
+        for s in fillers:
+            s.close()
+        listener.close()
+
+
+def test_check_milter_probe_capped(home, capsys, fake, monkeypatch, syn_dropping_port):
+    from qspp import milter
+    # 1 s stands for the 5 s cap; the entries wait 30 s by default
+    monkeypatch.setattr(milter, "CHECK_SECONDS", 1, raising=False)
+    silent = fake("silent.sock", negotiation=b"")
+    milters(home, b"inet:127.0.0.1:%d\n%s\n" % (syn_dropping_port, at(silent)))
+    started = time.monotonic()
+    status, out, _ = run(capsys, "check")
+    took = time.monotonic() - started
+    assert out[MILTER_LINE + 1:MILTER_LINE + 3] == [
+        "  inet:127.0.0.1:%d (timeout 30 s, default=tempfail): failed: connect timeout"
+        % syn_dropping_port,
+        "  unix:%s (timeout 30 s, default=tempfail): failed: timeout" % silent.path,
+    ]
+    assert 2 <= took < 5
+
+
+def test_check_milter_probe_total_is_capped(fake, monkeypatch):
+    # connect and negotiation share one bound: a milter that answers nothing
+    # after a slow connect does not get the cap twice
+    from qspp import milter
+    monkeypatch.setattr(milter, "CHECK_SECONDS", 1, raising=False)
+    opened = milter.Link.open
+
+    def slow_open(link):
+        opened(link)
+        time.sleep(0.8)
+    monkeypatch.setattr(milter.Link, "open", slow_open)
+    silent = fake("silent.sock", negotiation=b"")
+    with open(silent.path + ".list", "wb") as f:
+        f.write(at(silent) + b" timeout=30\n")
+    started = time.monotonic()
+    results = milter.check({b"MILTERS": (silent.path + ".list").encode()})
+    took = time.monotonic() - started
+    assert results == [(at(silent), False, "timeout")]
+    assert took < 1.5
+
+
+def test_check_policy_probe_capped(home, capsys, monkeypatch, syn_dropping_port):
+    from qspp import policy
+    monkeypatch.setattr(policy, "PROBE_SECONDS", 1, raising=False)
+    config(home, b"[rcpt]\npolicy:inet:127.0.0.1:%d timeout=30\n" % syn_dropping_port)
+    started = time.monotonic()
+    status, out, _ = run(capsys, "check")
+    took = time.monotonic() - started
+    assert out[PRE + 2] == ("  line 2: policy:inet:127.0.0.1:%d timeout=30 -> policy server"
+                            " inet:127.0.0.1:%d: failed: timeout (connecting)"
+                            % (syn_dropping_port, syn_dropping_port))
+    assert took < 3

@@ -106,6 +106,12 @@ def test_parse_line():
     s = milter.parse_line(b"unix:/run/x.sock\ttimeout=5 default=accept")
     assert (s.address, s.timeout, s.default) == (b"unix:/run/x.sock", 5, b"accept")
     assert milter.parse_line(b"inet:[::1]:8891 default=reject").default == b"reject"
+    assert milter.parse_line(b"inet:localhost:8891").address == b"inet:localhost:8891"
+    # a name would be looked up with no time limit (getaddrinfo) at every connection
+    with pytest.raises(milter.ConfigError) as e:
+        milter.parse_line(b"inet:milter.example:8891")
+    assert e.value.text == (b"bad milter address (HOST must be an IP address or localhost):"
+                            b" inet:milter.example:8891")
     for bad in (b"inet:127.0.0.1", b"inet:host:0", b"inet:host:70000", b"tcp:x:1",
                 b"unix:", b"unix:/x timeout=0", b"unix:/x timeout=-1", b"unix:/x default=quarantine",
                 b"unix:/x bogus"):

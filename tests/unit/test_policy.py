@@ -28,8 +28,16 @@ from qspp.sppconfig import parse, policy_entry
     (b"policy:inet:h:+25", None, None, None, None, b"bad port"),
     (b"policy:unix:", None, None, None, None, b"unix needs a PATH"),
     (b"policy:tcp:h:1", None, None, None, None, b"needs inet:HOST:PORT or unix:PATH"),
-    (b"policy:inet:h:1 timeout=1.5", "inet", ("h", 1), None, None, b"bad option timeout=1.5"),
-    (b"policy:inet:h:1 default=", "inet", ("h", 1), None, b"", b"empty default="),
+    (b"policy:inet:192.0.2.1:1 timeout=1.5", "inet", ("192.0.2.1", 1), None, None,
+     b"bad option timeout=1.5"),
+    (b"policy:inet:192.0.2.1:1 default=", "inet", ("192.0.2.1", 1), None, b"", b"empty default="),
+    (b"policy:inet:LocalHost:1", "inet", ("LocalHost", 1), None, None, None),
+    (b"policy:inet:[fe80::1%lo]:1", "inet", ("fe80::1%lo", 1), None, None, None),
+    # a name would be looked up with no time limit (getaddrinfo) at every session
+    (b"policy:inet:policy.example:10023", None, None, None, None,
+     b"HOST must be an IP address or localhost"),
+    (b"policy:inet:[policy.example]:10023", None, None, None, None,
+     b"HOST must be an IP address or localhost"),
 ])
 def test_entry_parsing(text, family, address, timeout, default, error):
     pe = policy_entry(text)
