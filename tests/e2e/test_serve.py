@@ -377,8 +377,8 @@ def test_log_json(home, serve, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--concurrency", "0"], b"argument -c/--concurrency: must be at least 1: '0'"),
-    (["--port", "70000"], b"argument --port: not a port number: '70000'"),
+    (["--concurrency", "0"], b"argument -c/--concurrency: must be at least 1: 0"),
+    (["--port", "70000"], b"argument --port: not a port number: 70000"),
     # how argparse lists the choices after this differs between Python versions
     (["--log", "xml"], b"argument --log: invalid choice: 'xml'"),
 ])

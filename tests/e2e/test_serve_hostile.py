@@ -97,9 +97,9 @@ def test_a_session_inside_the_time_limit_is_untouched(home, serve):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--per-ip", "-1"], b"argument --per-ip: must not be negative: '-1'"),
+    (["--per-ip", "-1"], b"argument --per-ip: must not be negative: -1"),
     (["--max-session-time", "x"],
-     b"argument --max-session-time: not a number of seconds: 'x'"),
+     b"argument --max-session-time: not a number of seconds: x"),
 ])
 def test_usage_errors(home, tmp_path, args, message):
     import subprocess
