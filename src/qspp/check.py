@@ -84,7 +84,9 @@ def cmd_check(args, environ, qmailhome=None, rules=None, who=None):
     if who is None:
         who = diagnose.check_user()
     report = diagnose.Report()
-    home, how = homes.find(qmailhome, environ)
+    # serve's embedded home moves to /var/lib/qspp when root switches users
+    home, how = homes.find(qmailhome, environ,
+                           system=os.geteuid() == 0 and who.switched and not who.current)
     _out("home: %s (%s)" % (_text(home), _HOW[how]))
     env = dict(environ)
     # what serve gives its sessions

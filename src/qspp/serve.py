@@ -3,19 +3,29 @@
     qspp serve [--host IP] [--port N] [--concurrency N] [--rules FILE.cdb]
                [--qmailhome DIR] [--localname NAME] [--resolve] [--grace S]
                [--backlog N] [--log text|json|off] [-u UID] [-g GID] [--user NAME]
-               [-- SMTPD-ARGS ...]
+               [--per-ip N] [--max-session-time SECONDS] [-- SMTPD-ARGS ...]
 
-The parent imports everything a session needs once, then forks one child per
-connection.  The child is what tcpserver's child plus `python -m qspp.smtpd`
-would be: the connection on fds 0 and 1, the environment tcpserver builds
-(PROTO, TCPLOCALIP, TCPLOCALPORT, TCPREMOTEIP, TCPREMOTEPORT, TCPLOCALHOST only
-with --localname or --resolve, TCPREMOTEHOST only with --resolve, never
-TCPREMOTEINFO), the tcprules variables on top, then `qspp.smtpd.run()`.  A
-child shares nothing writable with its siblings: each has its own copy of the
-parent's memory, so no session can see another's state.
+The parent imports everything a session needs once, binds, and forks --concurrency
+worker processes.  Each worker accepts a client itself, runs its session (what
+tcpserver's child plus `python -m qspp.smtpd` would be: the connection on fds 0
+and 1, the environment tcpserver builds (PROTO, TCPLOCALIP, TCPLOCALPORT,
+TCPREMOTEIP, TCPREMOTEPORT, TCPLOCALHOST only with --localname or --resolve,
+TCPREMOTEHOST only with --resolve, never TCPREMOTEINFO), the tcprules
+variables on top, then `qspp.smtpd.run()`), and accepts the next.  Between
+two sessions a worker puts back and checks what a session could change (see
+Worker); after --worker-sessions sessions, or when it cannot prove itself
+clean, it ends and the parent starts a fresh one, as it does for a crashed one.
 
-As tcpserver -c, at most --concurrency children run; at the limit the parent
-stops accepting and new clients wait in the kernel's backlog.
+As tcpserver -c, at most --concurrency sessions run: one per worker; more
+clients wait in the kernel's backlog.
+
+With the embedded home, its queue program runs as a fork of the session
+(qspp.maildirqueue.deliver on the same two pipes) instead of a new interpreter.
+
+--per-ip: at most N sessions per client address (default 20); one more is
+closed with nothing sent and one line logged.  --max-session-time: a session's
+whole life (default 1200 s); past it the session ends at its next wait for the
+client, with netqmail's timeout reply.
 
 --rules: looked up as `tcpserver -x` does (see tcprules.py); a denied client is
 closed at once with nothing sent.  The cdb is re-read when it changes (tcprules
@@ -34,7 +44,10 @@ created on first use as a receiver for this host that delivers into its
 Maildir with qspp's own queue program (qspp.maildirqueue).
 
 -u UID, -g GID (or --user NAME): switch after binding, so port 25 can be
-bound as root while no session ever runs as root (tcpserver -u -g).
+bound as root while no session ever runs as root (tcpserver -u -g).  -u alone
+takes that user's primary group; root's group 0 is never kept by accident.
+Root switching users gets its embedded home in /var/lib/qspp (unless
+XDG_DATA_HOME says otherwise), with the Maildir owned by the session user.
 
 Arguments after `--` are qspp.smtpd's arguments (HOST CHECKPROGRAM ... for
 AUTH), given to every session.
@@ -44,9 +57,13 @@ sessions (text: one summary line per connection and one per plugin run,
 json: the same as JSON, off: none); a tcprules variable SPPLOG still wins.
 """
 
+import _signal
 import argparse
+import errno
 import gc
+import mmap
 import os
+import resource
 import selectors
 import signal
 import socket
@@ -59,7 +76,20 @@ from .tcprules import Rules, RulesError, signature
 
 PROG = "qspp serve"
 DEFAULT_GRACE = 30.0
+# A session's whole life, whatever timeoutsmtpd says about each read: a client
+# sending a byte now and then would otherwise keep its slot for ever.  Twenty
+# minutes (qmail's own timeoutsmtpd for a single read) carries a 50 MB message
+# over a 512 kbit/s line.
+DEFAULT_SESSION_TIME = 1200.0
+# Sessions one client address may hold at once.  A big sender opens up to a
+# dozen or so connections to one MX; Postfix's smtpd_client_connection_count_limit
+# is 50 of its 100 processes.  20 is half of the default -c 40.
+DEFAULT_PER_IP = 20
 KILL_WAIT = 2.0
+RULES_CHECK = 0.5       # how often the parent looks for a rerun of tcprules, to log it
+# Idle workers kept ready for the next clients.  More are started as sessions
+# take them, up to -c, so a large -c costs processes only under load.
+SPARE_WORKERS = 8
 # Variables tcpserver sets or unsets for every connection: what the parent's
 # own environment holds under these names must not reach a session.
 _PER_CONNECTION = (b"PROTO", b"TCPLOCALIP", b"TCPLOCALPORT", b"TCPLOCALHOST",
@@ -68,6 +98,7 @@ _PER_CONNECTION = (b"PROTO", b"TCPLOCALIP", b"TCPLOCALPORT", b"TCPLOCALHOST",
 # once, so a child never pays for an import.  Missing ones (a build without
 # AUTH or TLS) are skipped.
 _WARM_MODULES = ("qspp.received", "qspp.spplog", "qspp.spool", "qspp.auth", "qspp.tls",
+                 "qspp.maildirqueue", "qspp.queue",
                  "qspp.checkpassword",
                  "json", "ssl", "_socket", "array", "fcntl", "struct")
 _SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -90,6 +121,7 @@ def _int_option(what, low, high=None):
 
 
 _positive = _int_option("must be at least 1", 1)
+_count = _int_option("must not be negative", 0)
 _port = _int_option("not a port number", 0, 65535)
 _id = _int_option("not a numeric id", 0)
 
@@ -107,7 +139,8 @@ def _seconds(text):
 def parser():
     p = argparse.ArgumentParser(
         prog=PROG, description="Listen for SMTP clients and run a qspp session for each,"
-        " in a process forked from this one (tcpserver and qmail-smtpd in one).",
+        " in one of -c worker processes forked from this one, each serving many sessions"
+        " (tcpserver and qmail-smtpd in one).",
         epilog="Arguments after -- are qspp.smtpd's own (HOST CHECKPROGRAM ... turns AUTH on).")
     p.add_argument("--host", default="127.0.0.1",
                    help="IPv4 address to listen on, 0 or 0.0.0.0 for all (default 127.0.0.1)")
@@ -115,6 +148,16 @@ def parser():
                    help="TCP port (default 2525; 0 picks a free one, logged at startup)")
     p.add_argument("-c", "--concurrency", type=_positive, default=40, metavar="N",
                    help="at most N sessions at once, as tcpserver -c (default 40)")
+    p.add_argument("--per-ip", type=_count, default=DEFAULT_PER_IP, metavar="N",
+                   help="at most N sessions from one client address; more are closed"
+                   " with nothing sent and logged (default 20; 0 = no limit)")
+    p.add_argument("--max-session-time", type=_seconds, default=DEFAULT_SESSION_TIME,
+                   metavar="SECONDS",
+                   help="a session still open after SECONDS gets qmail's 451 timeout at"
+                   " its next wait for the client and ends (default 1200; 0 = no limit)")
+    p.add_argument("--worker-sessions", type=_positive, default=Worker.RECYCLE, metavar="N",
+                   help="a worker process serves N sessions, then a fresh one takes over"
+                   " (default %d)" % Worker.RECYCLE)
     p.add_argument("-x", "--rules", metavar="FILE.cdb",
                    help="tcprules cdb, looked up as tcpserver -x does")
     p.add_argument("--qmailhome", metavar="DIR",
@@ -155,6 +198,10 @@ def parse_args(argv):
 # ---------------------------------------------------------------------------
 # the home
 
+class SetupError(Exception):
+    """A start-up refusal; its text is the whole explanation."""
+
+
 def _queue_script() -> bytes:
     """A qmail-queue that runs qspp.maildirqueue from this very installation."""
     import shlex
@@ -167,56 +214,230 @@ def _queue_script() -> bytes:
             "exec %s -I -c %s\n" % (shlex.quote(sys.executable), shlex.quote(code))).encode()
 
 
-def _write_if_missing(path: bytes, data: bytes) -> None:
+# Everything below the home is opened relative to a directory fd and never
+# through a symbolic link: this code often runs as root, and a link planted
+# by a less privileged user must not make root write or chown somewhere else.
+_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _subdir(parent_fd, name: bytes, mode: int) -> int:
+    """Open directory NAME under PARENT_FD, created with exactly MODE when missing."""
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        os.mkdir(name, mode, dir_fd=parent_fd)
+        created = True
+    except FileExistsError:
+        created = False
+    fd = os.open(name, _DIR, dir_fd=parent_fd)
+    if created:
+        os.fchmod(fd, mode)  # the umask must not take the session user's access away
+    return fd
+
+
+def _check_private(fd, shown: bytes) -> None:
+    """Refuse a directory that someone other than us (or root) could write into."""
+    st = os.fstat(fd)
+    if st.st_mode & 0o022:
+        raise SetupError("%s is writable by others than its owner (mode %04o); refusing to"
+                         " use it" % (os.fsdecode(shown), st.st_mode & 0o7777))
+    euid = os.geteuid()
+    if st.st_uid not in (0, euid):
+        if euid == 0:
+            raise SetupError("%s belongs to uid %d, not to root; refusing to use it as root"
+                             % (os.fsdecode(shown), st.st_uid))
+        raise SetupError("%s belongs to uid %d; refusing to use it as uid %d"
+                         % (os.fsdecode(shown), st.st_uid, euid))
+
+
+def _write_if_missing(dir_fd, name: bytes, data: bytes) -> None:
+    try:
+        fd = os.open(name, _NEW_FILE, 0o644, dir_fd=dir_fd)
     except FileExistsError:
         return
     with os.fdopen(fd, "wb") as f:
+        os.fchmod(fd, 0o644)
         f.write(data)
 
 
-def make_embedded_home(home: bytes) -> "tuple[bytes, bool]":
-    """Create what is missing of the embedded home; (queue program, created?)."""
-    created = not os.path.isdir(os.path.join(home, b"control"))
-    for sub in (b"control", b"bin"):
-        os.makedirs(os.path.join(home, sub), exist_ok=True)
-    for sub in (b"", b"/tmp", b"/new", b"/cur"):
-        os.makedirs(os.path.join(home, b"Maildir") + sub, mode=0o700, exist_ok=True)
-    me = socket.gethostname().encode("ascii", "replace") or b"localhost"
-    _write_if_missing(os.path.join(home, b"control", b"me"), me + b"\n")
-    hosts = [me] + ([b"localhost"] if me != b"localhost" else [])
-    _write_if_missing(os.path.join(home, b"control", b"rcpthosts"),
-                      b"".join(h + b"\n" for h in hosts))
-    _write_if_missing(os.path.join(home, b"control", b"smtpplugins"), b"")
-    queue = os.path.join(home, b"bin", b"qmail-queue")
+def _install_queue(bin_fd) -> None:
     script = _queue_script()
     try:
-        with open(queue, "rb") as f:
-            same = f.read() == script
+        fd = os.open(b"qmail-queue", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=bin_fd)
+        with os.fdopen(fd, "rb") as f:
+            if f.read() == script:
+                return
     except OSError:
-        same = False
-    if not same:
-        tmp = queue + b".new"
-        with open(tmp, "wb") as f:
-            f.write(script)
-        os.chmod(tmp, 0o755)
-        os.rename(tmp, queue)
-    return queue, created
+        pass
+    try:
+        os.unlink(b"qmail-queue.new", dir_fd=bin_fd)  # a leftover, or a planted link
+    except FileNotFoundError:
+        pass
+    fd = os.open(b"qmail-queue.new", _NEW_FILE, 0o755, dir_fd=bin_fd)
+    with os.fdopen(fd, "wb") as f:
+        os.fchmod(fd, 0o755)
+        f.write(script)
+    os.rename(b"qmail-queue.new", b"qmail-queue", src_dir_fd=bin_fd, dst_dir_fd=bin_fd)
+
+
+def make_embedded_home(home: bytes, owner=None) -> "tuple[bytes, bool]":
+    """Create what is missing of the embedded home; (queue program, created?).
+
+    OWNER, (uid, gid) of the session user when root switches users: the
+    Maildir is theirs, everything else stays root's and read-only to them.
+    """
+    os.makedirs(os.path.dirname(home) or b"/", 0o755, exist_ok=True)
+    try:
+        os.mkdir(home, 0o755)
+        made_top = True
+    except FileExistsError:
+        made_top = False
+    fds = []
+    try:
+        top = os.open(home, _DIR & ~os.O_NOFOLLOW)  # the admin's chosen path may be a link
+        fds.append(top)
+        if made_top:
+            os.fchmod(top, 0o755)
+        _check_private(top, home)
+        try:
+            os.stat(b"control", dir_fd=top, follow_symlinks=False)
+            created = False
+        except FileNotFoundError:
+            created = True
+        control = _subdir(top, b"control", 0o755)
+        fds.append(control)
+        _check_private(control, os.path.join(home, b"control"))
+        bin_fd = _subdir(top, b"bin", 0o755)
+        fds.append(bin_fd)
+        _check_private(bin_fd, os.path.join(home, b"bin"))
+        maildir = _subdir(top, b"Maildir", 0o700)
+        fds.append(maildir)
+        boxes = [maildir]
+        for sub in (b"tmp", b"new", b"cur"):
+            boxes.append(_subdir(maildir, sub, 0o700))
+            fds.append(boxes[-1])
+        if owner is not None:
+            for fd in boxes:
+                st = os.fstat(fd)
+                if (st.st_uid, st.st_gid) != owner:
+                    os.fchown(fd, *owner)
+                    os.fchmod(fd, 0o700)
+        me = socket.gethostname().encode("ascii", "replace") or b"localhost"
+        _write_if_missing(control, b"me", me + b"\n")
+        hosts = [me] + ([b"localhost"] if me != b"localhost" else [])
+        _write_if_missing(control, b"rcpthosts", b"".join(h + b"\n" for h in hosts))
+        _write_if_missing(control, b"smtpplugins", b"")
+        _install_queue(bin_fd)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    return os.path.join(home, b"bin", b"qmail-queue"), created
+
+
+def unreachable(path: bytes, uid: int, gid: int) -> "str | None":
+    """The first directory on PATH that UID (group GID only) may not search, as text."""
+    path = os.path.abspath(path)
+    parts = path.split(b"/")
+    for i in range(1, len(parts) + 1):
+        d = b"/".join(parts[:i]) or b"/"
+        try:
+            st = os.stat(d)
+        except FileNotFoundError:
+            return None  # created later, by root, with mode 0755
+        if st.st_uid == uid:
+            ok = st.st_mode & 0o100
+        elif st.st_gid == gid:
+            ok = st.st_mode & 0o010
+        else:
+            ok = st.st_mode & 0o001
+        if not ok:
+            return "%s (mode %04o)" % (os.fsdecode(d), st.st_mode & 0o7777)
+    return None
+
+
+def _check_runnable(uid, gid, name) -> None:
+    """The embedded queue program runs this interpreter and package as UID."""
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for what, path in (("interpreter", os.path.realpath(sys.executable)),
+                       ("package", package_root)):
+        blocked = unreachable(os.fsencode(os.path.dirname(path)), uid, gid)
+        if blocked is not None:
+            raise SetupError("user %s (uid %d) cannot run qspp's queue program: its %s %s is"
+                             " behind %s; install qspp where that user can reach it"
+                             % (name or uid, uid, what, path, blocked))
+
+
+def switch_ids(ns) -> "tuple[int, int, str] | None":
+    """(uid, gid, user name) the sessions run as after the switch; None without one."""
+    import pwd
+    uid, gid, name = ns.uid, ns.gid, ns.user
+    if name is not None:
+        try:
+            pw = pwd.getpwnam(name)
+        except KeyError:
+            raise SetupError("no such user: %s" % name) from None
+        uid = pw.pw_uid if uid is None else uid
+        gid = pw.pw_gid if gid is None else gid
+    elif uid is not None:
+        try:
+            pw = pwd.getpwuid(uid)
+        except KeyError:
+            pw = None
+        if gid is None:
+            # tcpserver -u alone keeps root's group 0: every session would be
+            # in the root group.  Take the user's own, as envuidgid does.
+            if pw is None:
+                raise SetupError("-u %d has no passwd entry to take a group from; give -g too"
+                                 % uid)
+            gid = pw.pw_gid
+        name = pw.pw_name if pw is not None else None
+    if uid is None and gid is None:
+        return None
+    return uid, gid, name
+
+
+def _who(ids) -> bytes:
+    """`user NAME (uid U, gid G)` of the process that writes the mail."""
+    if ids is None or ids[0] is None:
+        import pwd
+        uid, gid = os.geteuid(), os.getegid()
+        try:
+            name = pwd.getpwuid(uid).pw_name
+        except KeyError:
+            name = None
+    else:
+        uid, gid, name = ids
+        gid = os.getegid() if gid is None else gid
+    user = b"user %s " % os.fsencode(name) if name else b""
+    return b"%s(uid %d, gid %d)" % (user, uid, gid)
 
 
 def choose_home(ns, environ) -> "tuple[bytes, dict]":
     """(home, variables to set); logs where mail goes for the embedded home."""
-    home, how = homes.find(ns.qmailhome, environ)  # as `qspp check` finds it
+    ids = switch_ids(ns)
+    switching = ids is not None and os.geteuid() == 0
+    home, how = homes.find(ns.qmailhome, environ, system=switching)  # as `qspp check` finds it
     if how != homes.EMBEDDED:
         return home, {}
-    queue, created = make_embedded_home(home)
+    owner = None
+    if switching:
+        uid = os.geteuid() if ids[0] is None else ids[0]
+        gid = os.getegid() if ids[1] is None else ids[1]
+        blocked = unreachable(home, uid, gid)
+        if blocked is not None:
+            raise SetupError("user %s (uid %d) cannot reach %s: %s; give --qmailhome or"
+                             " XDG_DATA_HOME a place it can reach"
+                             % (ids[2] or uid, uid, os.fsdecode(home), blocked))
+        owner = (uid, gid)
+        if not environ.get(b"QMAILQUEUE"):
+            _check_runnable(uid, gid, ids[2])
+    queue, created = make_embedded_home(home, owner)
     extra = {}
     if not environ.get(b"QMAILQUEUE"):
         extra[b"QMAILQUEUE"] = queue
     maildir = environ.get(b"QSPP_MAILDIR") or os.path.join(home, b"Maildir")
-    log(b"serve: embedded home %s%s; mail is delivered to %s" % (
-        home, b" (created)" if created else b"", os.path.join(maildir, b"new")))
+    log(b"serve: embedded home %s%s; mail is delivered to %s by %s" % (
+        home, b" (created)" if created else b"", os.path.join(maildir, b"new"),
+        _who(ids if switching else None)))
     return home, extra
 
 
@@ -261,42 +482,455 @@ def _reset_signals() -> None:
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
 
 
-def child(server, conn, remote) -> int:
-    """Everything after fork; returns the exit status."""
-    _reset_signals()
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
-    server.close_in_child()
+# where a session waits for its client (see Worker._on_alarm)
+_READ_WAIT = smtpd.Connection._raw_read.__code__
+_WRITE_WAIT = smtpd.Connection._raw_write.__code__
+
+
+class _Stop(Exception):
+    """Raised out of an idle worker's accept() when serve stops."""
+
+
+def _maildir_of(env) -> str:
+    maildir = os.fsdecode(env.get(b"QSPP_MAILDIR") or b"./Maildir")
+    return maildir.rstrip("/") or "/"
+
+
+def _deliver_code(msg_fd, env_fd, maildir) -> int:
+    """qspp.maildirqueue's delivery; its exit code, as qmail-queue's."""
+    from . import maildirqueue
     try:
-        local = conn.getsockname()
-    except OSError:
-        return 111  # the client is already gone
-    env = connection_environ(server.base_env, local, remote, server.localname, server.resolve)
-    rules = server.rules
-    if rules is not None:
-        ip = env[b"TCPREMOTEIP"]
+        return maildirqueue.deliver(msg_fd, env_fd, maildir)
+    except Exception as e:  # noqa: BLE001 - a queue answers with an exit code
+        code = getattr(e, "code", None)
+        if isinstance(code, int):
+            return code
+        log("embedded queue: %r" % (e,))
+        return 81
+
+
+def _write_all(fd, data) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _link_based() -> bool:
+    """Does maildirqueue link() unique names into new/ (never replacing a file)?
+
+    Before that (issue 10, finding 6) it named files time.pid.host and
+    rename()d them: two deliveries by one process within a second would
+    replace each other.  Only a fork, with a pid of its own, is safe then.
+    """
+    from . import maildirqueue
+    return hasattr(maildirqueue, "_link_new")
+
+
+class _InProcessQueue:
+    """The embedded home's delivery done by the session process itself.
+
+    Message and envelope go to anonymous files (the message to memory up to
+    SPILL bytes, then to an unnamed file in the Maildir's tmp/, so a big one
+    costs no memory); at the end maildirqueue.deliver reads them exactly as it
+    reads qmail-queue's two pipes, so the durability (the file fsynced, linked
+    into new/, new/ fsynced, all before the 250), the exit codes and thus the
+    replies are the queue program's.
+    """
+
+    SPILL = 1 << 20
+    __slots__ = ("pid", "exec_error", "write_failed", "status", "_msg", "_size", "_on_disk",
+                 "_maildir", "_fail")
+
+    def __init__(self, env):
+        self.pid = os.getpid()
+        self.exec_error = None
+        self.write_failed = False
+        self.status = None
+        self._maildir = _maildir_of(env)
+        self._fail = None
+        self._size = 0
+        self._on_disk = False
         try:
-            rule = rules.lookup(ip, env.get(b"TCPREMOTEHOST"))
+            self._msg = os.memfd_create("message", os.MFD_CLOEXEC)
+        except OSError:
+            self._msg = -1
+            self._fail = 81
+
+    def _spill(self) -> None:
+        """Move what is in memory to an unnamed file in tmp/ (made when missing,
+        as maildirqueue makes it)."""
+        try:
+            try:
+                fd = self._tmpfile()
+            except FileNotFoundError:
+                for part in ("", "/tmp", "/new", "/cur"):
+                    try:
+                        os.mkdir(self._maildir + part, 0o700)
+                    except FileExistsError:
+                        pass
+                fd = self._tmpfile()
         except OSError as e:
-            log(b"serve: unable to read %s: %s: dropped %s port %d" % (
-                os.fsencode(rules.path), (e.strerror or str(e)).encode(), ip, remote[1]))
-            return 111
-        if rule is not None:
-            if rule.deny:
-                if server.log_mode == "json":
-                    import json
-                    log(json.dumps({"event": "serve-deny", "ip": ip.decode(), "port": remote[1],
-                                    "rule": rule.key.decode("utf-8", "backslashreplace")},
-                                   separators=(",", ":")))
-                elif server.log_mode == "text":
-                    log(b"serve: deny %s port %d (rule \"%s\")" % (ip, remote[1], rule.key))
-                return 100  # tcpserver's status; the close sends nothing
-            rule.apply(env)
-    fd = conn.detach()
-    os.dup2(fd, 0)
-    os.dup2(fd, 1)
-    if fd > 1:
-        os.close(fd)
-    return smtpd.run(server.smtpd_args, env)
+            self._fail = 53 if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO) else 61
+            return
+        try:
+            os.lseek(self._msg, 0, os.SEEK_SET)
+            while True:
+                chunk = os.read(self._msg, 65536)
+                if not chunk:
+                    break
+                _write_all(fd, chunk)
+        except OSError:
+            os.close(fd)
+            self.write_failed = True
+            return
+        os.close(self._msg)
+        self._msg = fd
+        self._on_disk = True
+
+    def _tmpfile(self) -> int:
+        return os.open(self._maildir + "/tmp", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+
+    def write(self, data):
+        if self._msg < 0 or self.write_failed or self._fail is not None or not data:
+            return
+        self._size += len(data)
+        if self._size > self.SPILL and not self._on_disk:
+            self._spill()
+            if self.write_failed or self._fail is not None:
+                return
+        try:
+            _write_all(self._msg, data)
+        except OSError:
+            self.write_failed = True
+
+    def finish(self, envelope):
+        from .queue import reply_for_status
+        try:
+            if envelope is None:
+                code = 54  # aborted: qmail-queue would read a cut envelope
+            elif self._fail is not None:
+                code = self._fail
+            elif self.write_failed:
+                code = 53
+            else:
+                code = self._deliver(envelope)
+        finally:
+            if self._msg >= 0:
+                os.close(self._msg)
+                self._msg = -1
+        self.status = code << 8
+        return reply_for_status(self.status, False, self.pid, time.time())
+
+    def _deliver(self, envelope) -> int:
+        try:
+            env_fd = os.memfd_create("envelope", os.MFD_CLOEXEC)
+        except OSError:
+            return 81
+        try:
+            try:
+                _write_all(env_fd, envelope)
+                os.lseek(env_fd, 0, os.SEEK_SET)
+                os.lseek(self._msg, 0, os.SEEK_SET)
+            except OSError:
+                return 53
+            return _deliver_code(self._msg, env_fd, self._maildir)
+        finally:
+            os.close(env_fd)
+
+
+class _EmbeddedQueue:
+    """The embedded home's bin/qmail-queue, without starting an interpreter.
+
+    The script would start a new interpreter for every message.  Instead the
+    session delivers itself (_InProcessQueue) or, with a maildirqueue that
+    could replace a file of the same name, in a fork of itself with a pid of
+    its own, running the same maildirqueue.deliver on the same two pipes.
+    Either way the durability and the replies are the script's.  Any other
+    program (QMAILQUEUE set by a rule, say) is spawned as usual.
+    """
+
+    program = None     # the embedded home's queue script
+    in_process = False
+
+    @classmethod
+    def start(cls, program, env):
+        from .queue import Queue, QueueStartError
+        if program != cls.program:
+            return Queue.start(program, env)
+        if cls.in_process:
+            return _InProcessQueue(env)
+        fds = []
+        try:
+            mr, mw = os.pipe()
+            fds += (mr, mw)
+            er, ew = os.pipe()
+            fds += (er, ew)
+            pid = os.fork()
+        except OSError as e:
+            for fd in fds:
+                os.close(fd)
+            raise QueueStartError(e) from None
+        if pid == 0:
+            code = 81
+            try:
+                for sig in (signal.SIGUSR1, signal.SIGHUP):
+                    signal.signal(sig, signal.SIG_IGN)
+                os.dup2(mr, 0)   # the client connection goes: only the pipes stay
+                os.dup2(er, 1)
+                for fd in fds:
+                    os.close(fd)
+                code = _deliver_code(0, 1, _maildir_of(env))
+            finally:
+                os._exit(code)
+        os.close(mr)
+        os.close(er)
+        return Queue(pid, mw, ew)
+
+
+class _SessionAuthIO(smtpd._AuthIO):
+    """AUTH as smtpd does it, with a CRAM-MD5 challenge number unique per session.
+
+    netqmail's challenge is <pid.time@host>: unique because every connection
+    had a process of its own.  A worker serves many, so two sessions within a
+    second would be offered the same challenge, and a response overheard in
+    one could be replayed in the other.  The number is the worker's pid for
+    its first session and n * 10^7 + pid for its n-th after (a Linux pid is
+    below 2^22): unique among live workers and among one worker's sessions.
+    """
+
+    sessions = 0
+
+    def __init__(self):
+        super().__init__()
+        self.pid += _SessionAuthIO.sessions * 10_000_000
+        _SessionAuthIO.sessions += 1
+
+
+class Slots:
+    """Which client address each worker is serving, in memory all workers share.
+
+    Slot i belongs to worker i: 0 while idle, else 1 and the address.  The
+    per-ip count is taken by marking one's own slot first and counting after,
+    so two workers racing for one address can both refuse but never both pass.
+    """
+
+    SIZE = 17
+
+    def __init__(self, n):
+        self.n = n
+        self.mem = mmap.mmap(-1, n * self.SIZE)  # MAP_SHARED: the workers see one copy
+
+    @staticmethod
+    def key(ip: str) -> bytes:
+        try:
+            return b"\1" + socket.inet_pton(socket.AF_INET, ip).ljust(16, b"\0")
+        except OSError:
+            return b"\1" + socket.inet_pton(socket.AF_INET6, ip)
+
+    def take(self, i, key) -> int:
+        size = self.SIZE
+        self.mem[i * size:(i + 1) * size] = key
+        data = self.mem[:]
+        return sum(1 for j in range(0, len(data), size) if data[j:j + size] == key)
+
+    def free(self, i):
+        self.mem[i * self.SIZE:(i + 1) * self.SIZE] = bytes(self.SIZE)
+
+    def busy(self) -> int:
+        return sum(1 for j in range(0, self.n * self.SIZE, self.SIZE) if self.mem[j])
+
+
+def _open_fds():
+    return set(os.listdir("/proc/self/fd"))
+
+
+def _max_rss_kb() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+class Worker:
+    """One pre-forked process: accepts a client, runs its session, and again.
+
+    Between sessions everything a session may have changed is put back (fds 0
+    and 1, cwd, umask, signal dispositions, the alarm) and checked (open fds,
+    the memory high-water mark): a worker that cannot be proved clean ends
+    and the parent starts a fresh one.  It ends anyway after RECYCLE sessions.
+    """
+
+    RECYCLE = 1000
+    MAX_GROWTH_KB = 32 * 1024
+
+    def __init__(self, server, index):
+        self.server = server
+        self.index = index
+        self.idle = False
+        self.stopping = False
+        self.reload = False
+        self.in_rules = False
+        self.remote = None
+
+    def _on_stop(self, signum, frame):
+        self.stopping = True
+        try:
+            self.server.listener.close()  # from now on, new clients are refused
+        except OSError:
+            pass
+        if self.idle:
+            raise _Stop()
+
+    def _on_alarm(self, signum, frame):
+        """--max-session-time is up: end the session at its next wait for the client.
+
+        The end comes only where the client is being waited for, never while a
+        plugin or the queue program runs: there the alarm is put off, so a
+        message being queued is never cut between qmail-queue's answer and the
+        reply.  Waiting to read, the client gets netqmail's timeout reply.
+        """
+        code = frame.f_code if frame is not None else None
+        if code is not _READ_WAIT and code is not _WRITE_WAIT:
+            _signal.setitimer(_signal.ITIMER_REAL, 0.25)
+            return
+        server, remote = self.server, self.remote
+        if server.log_mode == "json":
+            import json
+            log(json.dumps({"event": "serve-session-time", "ip": remote[0], "port": remote[1],
+                            "seconds": server.session_time}, separators=(",", ":")))
+        elif server.log_mode == "text":
+            log("serve: session time limit (%g s) reached: %s port %d"
+                % (server.session_time, remote[0], remote[1]))
+        if code is _READ_WAIT:
+            raise smtpd._Timeout()
+        raise smtpd._Exit(1, "session time")  # the client is not reading: nothing to say
+
+    def _on_hup(self, signum, frame):
+        # The parent has just loaded good rules: follow at once, even in a
+        # session (which never looks at them), so that a bad file written
+        # later cannot leave this worker with older rules than the parent's.
+        self.reload = True
+        if not self.in_rules:
+            self.in_rules = True
+            try:
+                self.reload_rules()
+            finally:
+                self.in_rules = False
+
+    def reload_rules(self):
+        self.reload = False
+        self.server.load_rules(None)
+
+    def run(self) -> int:
+        server = self.server
+        _reset_signals()
+        signal.signal(signal.SIGUSR1, self._on_stop)
+        signal.signal(signal.SIGHUP, self._on_hup)
+        signal.signal(signal.SIGALRM, self._on_alarm)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS + (signal.SIGUSR1,))
+        server.close_in_worker()
+        smtpd._AuthIO = _SessionAuthIO
+        if server.embedded_queue is not None:
+            _EmbeddedQueue.program = server.embedded_queue
+            _EmbeddedQueue.in_process = _link_based()
+            smtpd.Queue = _EmbeddedQueue
+        self.cwd = os.getcwd()
+        self.umask = os.umask(0o022)
+        os.umask(self.umask)
+        self.null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        self.fds = _open_fds()
+        self.rss = _max_rss_kb()
+        served = 0
+        while not self.stopping and served < server.worker_sessions:
+            self.idle = True
+            try:
+                if self.stopping:
+                    break
+                conn, remote = server.listener.accept()
+            except _Stop:
+                break
+            except ConnectionAbortedError:
+                continue
+            except OSError as e:
+                if self.stopping:
+                    break
+                # out of descriptors or memory: the client stays in the backlog
+                log("serve: accept: %s" % e.strerror)
+                time.sleep(0.1)
+                continue
+            finally:
+                self.idle = False
+            served += 1
+            if not self.serve(conn, remote):
+                return 0
+        return 0
+
+    def serve(self, conn, remote) -> bool:
+        """One client; False when this worker must not serve another."""
+        server = self.server
+        slots = server.slots
+        try:
+            n = slots.take(self.index, Slots.key(remote[0]))
+            server.note_busy()
+            if server.per_ip and n > server.per_ip:
+                conn.close()
+                server.log_per_ip(remote, n - 1)
+                return True
+            return self.session(conn, remote)
+        finally:
+            slots.free(self.index)
+
+    def session(self, conn, remote) -> bool:
+        server = self.server
+        try:
+            local = conn.getsockname()
+        except OSError:
+            conn.close()
+            return True  # the client is already gone
+        env = connection_environ(server.base_env, local, remote, server.localname,
+                                 server.resolve)
+        if server.rules_path is not None:
+            self.in_rules = True
+            try:
+                if self.reload or server.rules_changed():
+                    self.reload_rules()
+                rule = server.lookup(env, remote)
+            finally:
+                self.in_rules = False
+            if rule is False:
+                conn.close()
+                return True
+            if rule is not None:
+                rule.apply(env)
+        clean = True
+        try:
+            self.remote = remote
+            if server.session_time:
+                _signal.setitimer(_signal.ITIMER_REAL, server.session_time)
+            fd = conn.detach()
+            os.dup2(fd, 0)
+            os.dup2(fd, 1)
+            os.close(fd)
+            smtpd.run(server.smtpd_args, env)
+        except Exception as e:  # noqa: BLE001 - the session's own last words
+            log("internal error: %s: %s" % (type(e).__name__, e))
+            clean = False
+        finally:
+            _signal.setitimer(_signal.ITIMER_REAL, 0)
+            # what qspp.smtpd.main sets up (spec §2.1), should a session have changed it
+            _signal.signal(_signal.SIGPIPE, _signal.SIG_IGN)
+            _signal.signal(_signal.SIGCHLD, _signal.SIG_DFL)
+            os.dup2(self.null, 0)  # the last copies of the connection: it closes
+            os.dup2(self.null, 1)
+            os.chdir(self.cwd)
+            os.umask(self.umask)
+        left = _open_fds() - self.fds
+        if server.rules is not None:
+            left.discard(str(server.rules.cdb.fd))  # reloaded: a new number, not a leak
+        if left:
+            log("serve: descriptors %s left open by a session; starting a fresh worker"
+                % ",".join(sorted(left, key=int)))
+            return False
+        if _max_rss_kb() > self.rss + self.MAX_GROWTH_KB:
+            return False  # a big session: the next one gets a small process
+        return clean
 
 
 # ---------------------------------------------------------------------------
@@ -305,6 +939,9 @@ def child(server, conn, remote) -> int:
 class Server:
     def __init__(self, ns, base_env, rules_path):
         self.limit = ns.concurrency
+        self.per_ip = ns.per_ip
+        self.session_time = ns.max_session_time
+        self.worker_sessions = ns.worker_sessions
         self.grace = ns.grace
         self.localname = os.fsencode(ns.localname) if ns.localname is not None else None
         self.resolve = ns.resolve
@@ -314,12 +951,15 @@ class Server:
         self.rules_path = rules_path
         self.rules = None
         self.bad_rules = None   # signature of a file already reported as unusable
-        self.children = {}      # pid -> start time
+        self.embedded_queue = None
+        self.workers = {}       # pid -> (slot index, start time)
+        self.slots = Slots(self.limit)
         self.pending = set()
         self.listener = None
         self.sel = None
-        self.accepting = False
-        self.resume_at = None   # after EMFILE and the like: when to try again
+        self.spare = min(self.limit, SPARE_WORKERS)
+        self.free_slots = list(range(self.limit - 1, -1, -1))  # indexes no worker holds
+        self.resume_at = None   # after a failed fork or a worker dying at once
         self.stopping = False
         self.deadline = None
         self.killed = None      # when the stragglers got SIGTERM
@@ -331,12 +971,14 @@ class Server:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind((host, port))
         s.listen(backlog)
-        s.setblocking(False)
         self.listener = s
         return s.getsockname()
 
     def load_rules(self, why):
-        """(Re)load the rules; on failure keep the old ones and say so once."""
+        """(Re)load the rules; on failure keep the old ones and say so once.
+
+        WHY None: a worker catching up, silently (the parent says it once).
+        """
         path = self.rules_path
         try:
             st_sig = signature(os.stat(path))
@@ -347,7 +989,7 @@ class Server:
         except RulesError as e:
             if self.rules is None:
                 raise
-            if st_sig != self.bad_rules or why == "SIGHUP":
+            if why is not None and (st_sig != self.bad_rules or why == "SIGHUP"):
                 log("serve: rules %s: %s; keeping the rules loaded before"
                     % (os.fsdecode(path), e))
             self.bad_rules = st_sig
@@ -356,7 +998,9 @@ class Server:
         self.bad_rules = None
         if old is not None:
             old.close()
-            log("serve: rules %s reloaded (%s)" % (os.fsdecode(path), why))
+            if why is not None:
+                self._signal_workers(signal.SIGHUP)  # before the line: a client told
+                log("serve: rules %s reloaded (%s)" % (os.fsdecode(path), why))  # may come
 
     def rules_changed(self) -> bool:
         try:
@@ -365,11 +1009,54 @@ class Server:
             sig = ("error", e.errno)
         return sig != self.rules.signature and sig != self.bad_rules
 
-    def close_in_child(self):
-        self.listener.close()
+    def lookup(self, env, remote):
+        """The client's rule: a Rule, None (no rule), or False (closed: denied or unreadable)."""
+        rules = self.rules
+        ip = env[b"TCPREMOTEIP"]
+        try:
+            rule = rules.lookup(ip, env.get(b"TCPREMOTEHOST"))
+        except OSError as e:
+            log(b"serve: unable to read %s: %s: dropped %s port %d" % (
+                os.fsencode(rules.path), (e.strerror or str(e)).encode(), ip, remote[1]))
+            return False
+        if rule is not None and rule.deny:
+            if self.log_mode == "json":
+                import json
+                log(json.dumps({"event": "serve-deny", "ip": ip.decode(), "port": remote[1],
+                                "rule": rule.key.decode("utf-8", "backslashreplace")},
+                               separators=(",", ":")))
+            elif self.log_mode == "text":
+                log(b"serve: deny %s port %d (rule \"%s\")" % (ip, remote[1], rule.key))
+            return False  # as tcpserver: the close sends nothing
+        return rule
+
+    def log_per_ip(self, remote, n):
+        """A client over --per-ip was closed (finding 10).
+
+        Closed with nothing sent, as tcpserver closes a denied client: no reply
+        text netqmail never sends, and a sending MTA retries later as it would
+        after a 421.  It costs the worker only an accept and a close.
+        """
+        if self.log_mode == "json":
+            import json
+            log(json.dumps({"event": "serve-per-ip", "ip": remote[0], "port": remote[1],
+                            "sessions": n}, separators=(",", ":")))
+        elif self.log_mode == "text":
+            log("serve: per-ip limit: closed %s port %d (%d sessions from it)"
+                % (remote[0], remote[1], n))
+
+    def close_in_worker(self):
         self.sel.close()
         os.close(self.wake_r)
         os.close(self.wake_w)
+        os.close(self.note_r)
+
+    def note_busy(self):
+        """A worker took a client: the parent looks whether to start another."""
+        try:
+            os.write(self.note_w, b"\0")
+        except OSError:
+            pass  # the pipe is full: the parent has been told already
 
     # -- signals -------------------------------------------------------------
     def _on_signal(self, signum, frame):
@@ -377,7 +1064,8 @@ class Server:
 
     def install_signals(self):
         self.wake_r, self.wake_w = os.pipe()
-        for fd in (self.wake_r, self.wake_w):
+        self.note_r, self.note_w = os.pipe()
+        for fd in (self.wake_r, self.wake_w, self.note_r, self.note_w):
             os.set_blocking(fd, False)
         signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
         for sig in _SIGNALS:
@@ -385,55 +1073,44 @@ class Server:
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
 
     # -- the loop ------------------------------------------------------------
-    def _set_accepting(self, on):
-        if on and not self.accepting:
-            self.sel.register(self.listener, selectors.EVENT_READ)
-        elif not on and self.accepting:
-            self.sel.unregister(self.listener)
-        self.accepting = on
-
     def run(self) -> int:
         self.sel = selectors.DefaultSelector()
         self.sel.register(self.wake_r, selectors.EVENT_READ)
-        self._set_accepting(True)
-        # what the parent has now is shared, unchanged, by every child
+        self.sel.register(self.note_r, selectors.EVENT_READ)
+        # what the parent has now is shared, unchanged, by every worker
         gc.freeze()
+        self.top_up()
         while True:
-            timeout = None
             now = time.monotonic()
+            timeout = None
             if self.resume_at is not None:
                 timeout = max(0.0, self.resume_at - now)
+            if self.rules_path is not None and not self.stopping:
+                timeout = RULES_CHECK if timeout is None else min(timeout, RULES_CHECK)
             if self.stopping:
-                if not self.children:
+                if not self.workers:
                     log("serve: stopped")
                     return 0
                 until = self.killed + KILL_WAIT if self.killed is not None else self.deadline
                 left = max(0.0, until - now)
                 timeout = left if timeout is None else min(timeout, left)
-            ready = self.sel.select(timeout)
-            listener_ready = False
-            for key, _ in ready:
-                if key.fd == self.wake_r:
-                    try:
-                        while os.read(self.wake_r, 512):
-                            pass
-                    except BlockingIOError:
+            for key, _ in self.sel.select(timeout):
+                try:
+                    while os.read(key.fd, 512):
                         pass
-                else:
-                    listener_ready = True
+                except BlockingIOError:
+                    pass
             self.handle_signals()
             if self.stopping:
                 self.enforce_deadline()
                 continue
-            if self.resume_at is not None and time.monotonic() >= self.resume_at:
-                self.resume_at = None
-            if listener_ready and self.resume_at is None:
-                self.accept_some()
-            self._set_accepting(len(self.children) < self.limit and self.resume_at is None)
+            if self.rules_path is not None and self.rules_changed():
+                self.load_rules("file changed")
+            self.top_up()
 
     def handle_signals(self):
         sigs, self.pending = self.pending, set()
-        if signal.SIGCHLD in sigs or self.children:
+        if signal.SIGCHLD in sigs or self.workers:
             self.reap()
         if signal.SIGHUP in sigs and self.rules_path is not None and not self.stopping:
             self.load_rules("SIGHUP")
@@ -453,44 +1130,45 @@ class Server:
                 continue
             if pid == 0:
                 return
-            self.children.pop(pid, None)
-            if os.WIFSIGNALED(status) and not self.stopping:
-                log("serve: session %d killed by signal %d" % (pid, os.WTERMSIG(status)))
-
-    def accept_some(self):
-        if self.rules_path is not None and self.rules_changed():
-            self.load_rules("file changed")
-        while len(self.children) < self.limit:
-            try:
-                conn, remote = self.listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except ConnectionAbortedError:
+            index, started = self.workers.pop(pid, (None, None))
+            if index is None:
                 continue
-            except OSError as e:
-                # out of descriptors or memory: the client stays in the
-                # backlog; try again shortly instead of spinning
-                log("serve: accept: %s" % e.strerror)
-                self.resume_at = time.monotonic() + 0.1
-                return
-            self.spawn(conn, remote)
+            self.slots.free(index)
+            self.free_slots.append(index)
+            if self.stopping:
+                continue
+            if os.WIFSIGNALED(status):
+                log("serve: worker %d killed by signal %d" % (pid, os.WTERMSIG(status)))
+            if time.monotonic() - started < 1.0 and status != 0:
+                # dying at once: do not fork in a tight loop
+                self.resume_at = time.monotonic() + 0.5
 
-    def spawn(self, conn, remote):
-        # a signal between fork and the child's reset must not run the
-        # parent's handler in the child
-        signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+    def top_up(self):
+        """Start workers until SPARE are idle, never more than -c in all."""
+        if self.resume_at is not None:
+            if time.monotonic() < self.resume_at:
+                return
+            self.resume_at = None
+        idle = len(self.workers) - self.slots.busy()
+        for _ in range(min(self.limit - len(self.workers), self.spare - idle)):
+            if not self.start_worker():
+                return
+
+    def start_worker(self) -> bool:
+        index = self.free_slots.pop()
+        signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS + (signal.SIGUSR1,))
         try:
             pid = os.fork()
         except OSError as e:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
-            log("serve: fork: %s: dropped %s port %d" % (e.strerror, remote[0], remote[1]))
-            conn.close()
-            self.resume_at = time.monotonic() + 0.1
-            return
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS + (signal.SIGUSR1,))
+            log("serve: fork: %s" % e.strerror)
+            self.free_slots.append(index)
+            self.resume_at = time.monotonic() + 0.5
+            return False
         if pid == 0:
-            status = 111
+            status = 1
             try:
-                status = child(self, conn, remote)
+                status = Worker(self, index).run()
             except BaseException as e:  # noqa: B902 - nothing may return into the parent's loop
                 try:
                     log("internal error: %s: %s" % (type(e).__name__, e))
@@ -499,39 +1177,49 @@ class Server:
                 status = 1
             finally:
                 os._exit(status)
-        self.children[pid] = time.monotonic()
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
-        conn.close()
+        self.workers[pid] = (index, time.monotonic())
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS + (signal.SIGUSR1,))
+        return True
 
     def stop_accepting(self):
         self.stopping = True
-        self._set_accepting(False)
         self.listener.close()
+        self._signal_workers(signal.SIGUSR1)  # idle ones end, busy ones after their session
         self.deadline = time.monotonic() + self.grace
-        if self.children:
+        # the listener is gone only when every idle worker has closed its copy:
+        # wait for them (briefly) so that "stopping" means clients are refused
+        until = time.monotonic() + 1.0
+        while time.monotonic() < until:
+            self.reap()
+            if len(self.workers) <= self.slots.busy():
+                break
+            time.sleep(0.005)
+        busy = self.slots.busy()
+        if busy:
             log("serve: stopping: waiting up to %g s for %d session%s"
-                % (self.grace, len(self.children), "" if len(self.children) == 1 else "s"))
+                % (self.grace, busy, "" if busy == 1 else "s"))
 
     def enforce_deadline(self):
-        if not self.children:
+        if not self.workers:
             return
         now = time.monotonic()
         if self.killed is None and now >= self.deadline:
+            n = len(self.workers)
             log("serve: %d session%s still running after %g s: SIGTERM"
-                % (len(self.children), "" if len(self.children) == 1 else "s", self.grace))
-            self._signal_children(signal.SIGTERM)
+                % (n, "" if n == 1 else "s", self.grace))
+            self._signal_workers(signal.SIGTERM)
             self.killed = now
         elif self.killed is not None and now >= self.killed + KILL_WAIT:
-            self._signal_children(signal.SIGKILL)
-            for pid in list(self.children):
+            self._signal_workers(signal.SIGKILL)
+            for pid in list(self.workers):
                 try:
                     os.waitpid(pid, 0)
                 except ChildProcessError:
                     pass
-                self.children.pop(pid, None)
+                self.workers.pop(pid, None)
 
-    def _signal_children(self, sig):
-        for pid in self.children:
+    def _signal_workers(self, sig):
+        for pid in self.workers:
             try:
                 os.kill(pid, sig)
             except ProcessLookupError:
@@ -564,15 +1252,13 @@ def _ensure_std_fds():
 
 def drop_privileges(ns) -> None:
     """tcpserver's prot_gid then prot_uid: the group list becomes the one gid."""
-    uid, gid = ns.uid, ns.gid
-    if ns.user is not None:
-        import pwd
-        try:
-            pw = pwd.getpwnam(ns.user)
-        except KeyError:
-            raise OSError("no such user: %s" % ns.user) from None
-        uid = pw.pw_uid if uid is None else uid
-        gid = pw.pw_gid if gid is None else gid
+    try:
+        ids = switch_ids(ns)
+    except SetupError as e:
+        raise OSError(str(e)) from None
+    if ids is None:
+        return
+    uid, gid, _ = ids
     if gid is not None:
         os.setgroups([gid])
         os.setgid(gid)
@@ -600,7 +1286,7 @@ def main(argv=None, environ=None) -> int:
     _ensure_std_fds()
     try:
         home, extra = choose_home(ns, environ)
-    except OSError as e:
+    except (OSError, SetupError) as e:
         log("serve: cannot set up the embedded home: %s" % e)
         return 111
     if not os.path.isdir(home):
@@ -608,6 +1294,7 @@ def main(argv=None, environ=None) -> int:
         return 111
     rules_path = os.fsencode(ns.rules) if ns.rules else None
     server = Server(ns, base_environ(environ, home, extra, ns.log), rules_path)
+    server.embedded_queue = extra.get(b"QMAILQUEUE")
     if rules_path is not None:
         try:
             server.load_rules("start")
@@ -630,8 +1317,10 @@ def main(argv=None, environ=None) -> int:
     diagnose.log_startup(home, server.base_env, rules_path,
                          switched=ns.uid is not None or ns.user is not None)
     server.install_signals()
-    log(b"serve: listening on %s port %d, concurrency %d, home %s%s" % (
-        local[0].encode(), local[1], ns.concurrency, home,
+    log(b"serve: listening on %s port %d, concurrency %d, per-ip %d, session time %s,"
+        b" home %s%s" % (
+        local[0].encode(), local[1], ns.concurrency, ns.per_ip,
+        b"%gs" % ns.max_session_time if ns.max_session_time else b"unlimited", home,
         b", rules " + rules_path if rules_path else b""))
     return server.run()
 

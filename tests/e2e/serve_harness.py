@@ -22,7 +22,8 @@ LISTENING_RE = re.compile(rb"qspp: pid (\d+): serve: listening on 127\.0\.0\.1 p
 
 
 class ServeServer:
-    def __init__(self, home, base, *args, env=None, qmailhome=True):
+    def __init__(self, home, base, *args, env=None, qmailhome=True, python=PYTHON):
+        self.python = python
         self.home = home
         self.base = base
         base.mkdir(parents=True, exist_ok=True)
@@ -39,7 +40,7 @@ class ServeServer:
         return self.proc.pid
 
     def command(self):
-        cmd = [PYTHON, "-m", "qspp", "serve", "--host", "127.0.0.1", "--port", "0"]
+        cmd = [self.python, "-m", "qspp", "serve", "--host", "127.0.0.1", "--port", "0"]
         if self.qmailhome:
             cmd += ["--qmailhome", str(self.home.root)]
         smtpd_args = []
@@ -120,6 +121,17 @@ class ServeServer:
                 pass  # that thread ended meanwhile
         return out
 
+    def sessions(self):
+        """The pids of serve's workers that are in a session (fd 0 is a client socket)."""
+        out = set()
+        for pid in self.children():
+            try:
+                if os.readlink("/proc/%d/fd/0" % pid).startswith("socket:"):
+                    out.add(pid)
+            except OSError:
+                pass
+        return out
+
     def zombies(self):
         found = []
         for pid in self.children():
@@ -132,8 +144,9 @@ class ServeServer:
                 found.append(pid)
         return found
 
-    def wait_no_children(self, timeout=5):
-        wait_for(lambda: not self.children(), timeout, "serve's children to be reaped")
+    def wait_idle(self, timeout=5):
+        """Wait until no worker is in a session (the workers themselves stay)."""
+        wait_for(lambda: not self.sessions(), timeout, "serve's sessions to end")
 
     def signal(self, sig):
         os.kill(self.pid, sig)

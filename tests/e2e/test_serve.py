@@ -87,7 +87,7 @@ def test_one_session_environment_and_message(home, serve):
     assert run.cwd == os.fsencode(os.path.realpath(home.root))
     assert c.cmd(b"QUIT") == QUIT
     assert c.rest() == b""
-    s.wait_no_children()
+    s.wait_idle()
     # the default --log text: one summary line for the connection
     m = s.wait_line(rb"qspp: pid (\d+): spp-summary ip=127\.0\.0\.1 host=unknown helo=h"
                     rb" mail1=<a@b> rcpt1=<x@example\.org>:250 bytes1=\d+"
@@ -124,7 +124,7 @@ def test_concurrent_clients_no_cross_talk(home, serve):
         try:
             c = s.connect(timeout=20)
             barrier.wait()  # all eight sessions are running at this point
-            assert len(s.children()) >= n
+            assert len(s.sessions()) >= n
             c.send(b"MAIL FROM:<s%d@example.net>\r\n" % i)
             c.expect(OK)
             rcpts = [b"r%d-%d@example.org" % (i, k) for k in range(3)]
@@ -158,7 +158,7 @@ def test_concurrent_clients_no_cross_talk(home, serve):
         assert run.env[b"TCPREMOTEPORT"] == b"%d" % port
         assert run.env[b"SESSION_TAG"] == b"tag%d" % port
     assert len(pids) == n
-    s.wait_no_children()
+    s.wait_idle()
     assert s.zombies() == []
 
 
@@ -210,7 +210,7 @@ def test_rules_from_real_tcprules(home, serve, tmp_path):
                            b" <D>\nX-Other: 127.0.0.5\nhi\n")
     assert b"RELAYCLIENT" not in run.env and b"NOSPP" not in run.env
     assert c.cmd(b"QUIT") == QUIT
-    s.wait_no_children()
+    s.wait_idle()
 
 
 def test_sighup_and_rerun_of_tcprules_reload(home, serve, tmp_path):
@@ -303,7 +303,7 @@ def test_idle_client_timeout_frees_the_slot(home, serve):
     assert 0.7 <= waited < 5, waited
     assert idle.rest() == TIMEOUT
     assert second.cmd(b"QUIT") == QUIT
-    s.wait_no_children()
+    s.wait_idle()
 
 
 def test_concurrency_limit_defers_the_greeting(home, serve):
@@ -311,11 +311,11 @@ def test_concurrency_limit_defers_the_greeting(home, serve):
     first = s.connect()
     second = s.connect(greet=None)
     second.silent(0.8)  # accepted by the kernel, no session yet
-    assert len(s.children()) == 1
+    assert len(s.sessions()) == 1
     assert first.cmd(b"QUIT") == QUIT
     assert second.reply() == GREETING
     assert second.cmd(b"QUIT") == QUIT
-    s.wait_no_children()
+    s.wait_idle()
     assert s.zombies() == []
 
 
@@ -324,7 +324,7 @@ def test_no_zombies_after_many_short_sessions(home, serve):
     for _ in range(12):
         c = s.connect()
         c.close()  # EOF: the session exits at once
-    s.wait_no_children()
+    s.wait_idle()
     assert not any(b"spp-summary" in line for line in s.lines())
 
 
@@ -338,8 +338,10 @@ def test_embedded_default_home(home, tmp_path):
     try:
         s.start(timeout=20)
         qhome = xdg / "qspp"
-        s.wait_line(rb"serve: embedded home %s \(created\); mail is delivered to %s/Maildir/new$"
-                    % (re.escape(os.fsencode(qhome)), re.escape(os.fsencode(qhome))))
+        s.wait_line(rb"serve: embedded home %s \(created\); mail is delivered to %s/Maildir/new"
+                    rb" by (user \S+ )?\(uid %d, gid %d\)$"
+                    % (re.escape(os.fsencode(qhome)), re.escape(os.fsencode(qhome)),
+                       os.geteuid(), os.getegid()))
         me = (qhome / "control" / "me").read_bytes()
         assert (qhome / "control" / "rcpthosts").read_bytes() == me + b"localhost\n"
         assert (qhome / "control" / "smtpplugins").read_bytes() == b""
@@ -391,23 +393,27 @@ def test_usage_errors(home, tmp_path, args, message):
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")
-def test_sessions_run_as_the_given_uid_and_gid(tmp_path):
+@pytest.mark.parametrize("args, gid", [
+    (["-u", "65534", "-g", "65533"], "65533"),
+    (["-u", "65534"], "65534"),     # issue 10 #3: nobody's primary group, never root's 0
+])
+def test_sessions_run_as_the_given_uid_and_gid(tmp_path, args, gid):
     base = tempfile.mkdtemp(prefix="qspp-serve-uid-", dir="/tmp")
     try:
         os.chmod(base, 0o755)
         qhome = QmailHome(Path(base))
         os.chmod(qhome.queue, 0o777)
         qhome.control("me", "mx.example.org\n")
-        s = ServeServer(qhome, tmp_path / "s", "-u", "65534", "-g", "65533")
+        s = ServeServer(qhome, tmp_path / "s", *args)
         s.start()
         try:
             c = s.connect()
-            (pid,) = s.children()
+            (pid,) = s.sessions()
             with open("/proc/%d/status" % pid) as f:
                 status = dict(line.split(":", 1) for line in f.read().splitlines())
             assert status["Uid"].split() == ["65534"] * 4
-            assert status["Gid"].split() == ["65533"] * 4
-            assert status["Groups"].split() == ["65533"]
+            assert status["Gid"].split() == [gid] * 4
+            assert status["Groups"].split() == [gid]
             with open("/proc/%d/status" % s.pid) as f:
                 assert "\nUid:\t65534\t" in f.read()  # the listener too, as tcpserver
             run = c.txn()
