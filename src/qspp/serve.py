@@ -1,16 +1,18 @@
 """`qspp serve`: qspp's own listener, tcpserver's job done by a warm parent.
 
-    qspp serve [--host IP] [--port N] [--concurrency N] [--rules FILE.cdb]
+    qspp serve [--host IP ...] [--port N] [--concurrency N] [--rules FILE.cdb]
                [--qmailhome DIR] [--localname NAME] [--resolve] [--grace S]
                [--backlog N] [--log text|json|off] [-u UID] [-g GID] [--user NAME]
-               [--per-ip N] [--max-session-time SECONDS] [-- SMTPD-ARGS ...]
+               [--per-ip N] [--max-session-time SECONDS] [--proxy-from CIDR[,CIDR...]]
+               [-- SMTPD-ARGS ...]
 
 The parent imports everything a session needs once, binds, and forks --concurrency
 worker processes.  Each worker accepts a client itself, runs its session (what
 tcpserver's child plus `python -m qspp.smtpd` would be: the connection on fds 0
-and 1, the environment tcpserver builds (PROTO, TCPLOCALIP, TCPLOCALPORT,
-TCPREMOTEIP, TCPREMOTEPORT, TCPLOCALHOST only with --localname or --resolve,
-TCPREMOTEHOST only with --resolve, never TCPREMOTEINFO), the tcprules
+and 1, the environment Debian's ucspi-tcp-ipv6 tcpserver builds (PROTO,
+TCPLOCALIP, TCPLOCALPORT, TCPREMOTEIP, TCPREMOTEPORT and their TCP6* twins,
+TCPLOCALHOST only with --localname or --resolve, TCPREMOTEHOST only with
+--resolve, never TCPREMOTEINFO; see tcpenv.py), the tcprules
 variables on top, then `qspp.smtpd.run()`), and accepts the next.  Between
 two sessions a worker puts back and checks what a session could change (see
 Worker); after --worker-sessions sessions, or when it cannot prove itself
@@ -26,6 +28,19 @@ With the embedded home, its queue program runs as a fork of the session
 closed with nothing sent and one line logged.  --max-session-time: a session's
 whole life (default 1200 s); past it the session ends at its next wait for the
 client, with netqmail's timeout reply.
+
+--host: given more than once, one listener each, every worker accepting on
+all of them (--port 0 picks one free port for them all).  An IPv6 address
+listens on IPv6: `::` is dual-stack (IPv4 clients as ::ffff:a.b.c.d, with
+PROTO=TCP and dotted quads in the TCP* names), any other only on itself.
+
+--proxy-from CIDR[,CIDR...]: the load balancers.  A connection from them must
+start with a PROXY header (v1 or v2) within 5 s, read by the worker; it then
+stands for the client the header names: environment, rules, --resolve,
+--per-ip and log lines.  A v2 LOCAL header (a health check) keeps the
+balancer's own address.  A bad or missing header closes the connection with
+nothing sent and one log line.  Balancers themselves are never held to
+--per-ip.  From any other address a PROXY line is just a bad command.
 
 --rules: looked up as `tcpserver -x` does (see tcprules.py); a denied client is
 closed at once with nothing sent.  The cdb is re-read when it changes (tcprules
@@ -70,7 +85,7 @@ import socket
 import sys
 import time
 
-from . import diagnose, home as homes, smtpd
+from . import diagnose, home as homes, smtpd, tcpenv
 from .diag import log
 from .tcprules import Rules, RulesError, signature
 
@@ -93,7 +108,10 @@ SPARE_WORKERS = 8
 # Variables tcpserver sets or unsets for every connection: what the parent's
 # own environment holds under these names must not reach a session.
 _PER_CONNECTION = (b"PROTO", b"TCPLOCALIP", b"TCPLOCALPORT", b"TCPLOCALHOST",
-                   b"TCPREMOTEIP", b"TCPREMOTEPORT", b"TCPREMOTEHOST", b"TCPREMOTEINFO")
+                   b"TCPREMOTEIP", b"TCPREMOTEPORT", b"TCPREMOTEHOST", b"TCPREMOTEINFO",
+                   b"TCP6LOCALIP", b"TCP6LOCALPORT", b"TCP6LOCALHOST", b"TCP6REMOTEIP",
+                   b"TCP6REMOTEPORT", b"TCP6REMOTEHOST", b"TCP6REMOTEINFO", b"TCP6INTERFACE")
+PROXY_TIMEOUT = 5.0     # for a balancer's PROXY header (issue 14)
 # Imported by a session only when it needs them; the parent imports them all,
 # once, so a child never pays for an import.  Missing ones (a build without
 # AUTH or TLS) are skipped.
@@ -142,8 +160,10 @@ def parser():
         " in one of -c worker processes forked from this one, each serving many sessions"
         " (tcpserver and qmail-smtpd in one).",
         epilog="Arguments after -- are qspp.smtpd's own (HOST CHECKPROGRAM ... turns AUTH on).")
-    p.add_argument("--host", default="127.0.0.1",
-                   help="IPv4 address to listen on, 0 or 0.0.0.0 for all (default 127.0.0.1)")
+    p.add_argument("--host", action="append", metavar="IP",
+                   help="address to listen on, again for more listeners: 0 or 0.0.0.0 for"
+                   " all IPv4, :: for all IPv6 and IPv4, ::1 and others for that one"
+                   " (default 127.0.0.1)")
     p.add_argument("--port", type=_port, default=2525,
                    help="TCP port (default 2525; 0 picks a free one, logged at startup)")
     p.add_argument("-c", "--concurrency", type=_positive, default=40, metavar="N",
@@ -158,6 +178,9 @@ def parser():
     p.add_argument("--worker-sessions", type=_positive, default=Worker.RECYCLE, metavar="N",
                    help="a worker process serves N sessions, then a fresh one takes over"
                    " (default %d)" % Worker.RECYCLE)
+    p.add_argument("--proxy-from", metavar="CIDR[,CIDR...]",
+                   help="load balancers: their connections must start with a PROXY"
+                   " header (v1 or v2), which names the real client")
     p.add_argument("-x", "--rules", metavar="FILE.cdb",
                    help="tcprules cdb, looked up as tcpserver -x does")
     p.add_argument("--qmailhome", metavar="DIR",
@@ -190,7 +213,15 @@ def parse_args(argv):
     if "--" in argv:
         cut = argv.index("--")
         argv, smtpd_args = argv[:cut], argv[cut + 1:]
-    ns = parser().parse_args(argv)
+    p = parser()
+    ns = p.parse_args(argv)
+    ns.host = ns.host or ["127.0.0.1"]
+    if ns.proxy_from is not None:
+        from .proxyproto import ProxyFrom
+        try:
+            ns.proxy_from = ProxyFrom.parse(ns.proxy_from)
+        except ValueError as e:
+            p.error("argument --proxy-from: %s" % e)
     ns.smtpd_args = [os.fsencode(a) for a in smtpd_args]
     return ns
 
@@ -444,25 +475,16 @@ def choose_home(ns, environ) -> "tuple[bytes, dict]":
 # ---------------------------------------------------------------------------
 # one connection, in the child
 
-def connection_environ(base: dict, local, remote, localname, resolve) -> dict:
-    """The variables tcpserver would set for this connection, over BASE."""
-    env = dict(base)
-    env[b"PROTO"] = b"TCP"
-    env[b"TCPLOCALIP"] = local[0].encode()
-    env[b"TCPLOCALPORT"] = b"%d" % local[1]
-    env[b"TCPREMOTEIP"] = remote[0].encode()
-    env[b"TCPREMOTEPORT"] = b"%d" % remote[1]
-    if localname is not None:
-        env[b"TCPLOCALHOST"] = localname
-    if resolve:
-        if localname is None:
-            name = _reverse(local[0])
-            if name is not None:
-                env[b"TCPLOCALHOST"] = name
-        name = _reverse(remote[0])
+def resolve_names(env: dict, localname) -> None:
+    """--resolve: TCPREMOTEHOST (and TCPLOCALHOST unless -l) from the DNS,
+    with their TCP6 twins, as tcpserver does without -H."""
+    if localname is None:
+        name = _reverse(env[b"TCPLOCALIP"].decode())
         if name is not None:
-            env[b"TCPREMOTEHOST"] = name
-    return env
+            env[b"TCPLOCALHOST"] = env[b"TCP6LOCALHOST"] = name
+    name = _reverse(env[b"TCPREMOTEIP"].decode())
+    if name is not None:
+        env[b"TCPREMOTEHOST"] = env[b"TCP6REMOTEHOST"] = name
 
 
 def _reverse(ip: str) -> "bytes | None":
@@ -720,12 +742,14 @@ class Slots:
         self.n = n
         self.mem = mmap.mmap(-1, n * self.SIZE)  # MAP_SHARED: the workers see one copy
 
+    # a balancer's connection: busy, but counted for no address
+    BALANCER = b"\2" + bytes(16)
+
     @staticmethod
-    def key(ip: str) -> bytes:
-        try:
-            return b"\1" + socket.inet_pton(socket.AF_INET, ip).ljust(16, b"\0")
-        except OSError:
-            return b"\1" + socket.inet_pton(socket.AF_INET6, ip)
+    def key(packed: bytes) -> bytes:
+        """The slot value for a client at PACKED (16 bytes, IPv4 as ::ffff:a.b.c.d,
+        so one client is one key on IPv4 and dual-stack listeners alike)."""
+        return b"\1" + packed
 
     def take(self, i, key) -> int:
         size = self.SIZE
@@ -767,14 +791,16 @@ class Worker:
         self.stopping = False
         self.reload = False
         self.in_rules = False
-        self.remote = None
+        self.client = None      # (ip, port) the session stands for
+        self.poll = None        # with more than one listener
 
     def _on_stop(self, signum, frame):
         self.stopping = True
-        try:
-            self.server.listener.close()  # from now on, new clients are refused
-        except OSError:
-            pass
+        for s in self.server.listeners:
+            try:
+                s.close()  # from now on, new clients are refused
+            except OSError:
+                pass
         if self.idle:
             raise _Stop()
 
@@ -790,7 +816,7 @@ class Worker:
         if code is not _READ_WAIT and code is not _WRITE_WAIT:
             _signal.setitimer(_signal.ITIMER_REAL, 0.25)
             return
-        server, remote = self.server, self.remote
+        server, remote = self.server, self.client
         if server.log_mode == "json":
             import json
             log(json.dumps({"event": "serve-session-time", "ip": remote[0], "port": remote[1],
@@ -835,6 +861,11 @@ class Worker:
         self.umask = os.umask(0o022)
         os.umask(self.umask)
         self.null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        if len(server.listeners) > 1:
+            import select
+            self.poll = select.poll()
+            for s in server.listeners:
+                self.poll.register(s, select.POLLIN)
         self.fds = _open_fds()
         self.rss = _max_rss_kb()
         served = 0
@@ -843,7 +874,10 @@ class Worker:
             try:
                 if self.stopping:
                     break
-                conn, remote = server.listener.accept()
+                got = self.accept()
+                if got is None:
+                    continue
+                conn, remote = got
             except _Stop:
                 break
             except ConnectionAbortedError:
@@ -862,46 +896,87 @@ class Worker:
                 return 0
         return 0
 
+    def accept(self):
+        """(conn, peer) from whichever listener has a client; None: another
+        worker took it first."""
+        listeners = self.server.listeners
+        if self.poll is None:
+            return listeners[0].accept()
+        for fd, _ in self.poll.poll():
+            for s in listeners:
+                if s.fileno() == fd:
+                    try:
+                        conn, peer = s.accept()
+                    except BlockingIOError:
+                        continue
+                    conn.setblocking(True)
+                    return conn, peer
+        return None
+
     def serve(self, conn, remote) -> bool:
         """One client; False when this worker must not serve another."""
         server = self.server
         slots = server.slots
+        rec = server.rec
         try:
-            n = slots.take(self.index, Slots.key(remote[0]))
+            rec.count("qspp_connections_accepted_total")
+            proxied = server.proxy_from is not None and remote[0] in server.proxy_from
+            if proxied:
+                n = slots.take(self.index, Slots.BALANCER)  # held to no --per-ip
+            else:
+                n = slots.take(self.index, Slots.key(tcpenv.address(conn.family, remote)[0]))
             server.note_busy()
-            if server.per_ip and n > server.per_ip:
+            if not proxied and server.per_ip and n > server.per_ip:
                 conn.close()
+                rec.count("qspp_connections_denied_total", "per_ip")
                 server.log_per_ip(remote, n - 1)
                 return True
-            return self.session(conn, remote)
+            try:
+                env, header = tcpenv.client_environ(
+                    conn, remote, server.proxy_from if proxied else None, PROXY_TIMEOUT,
+                    server.localname)
+            except OSError:
+                conn.close()
+                return True  # the client is already gone (getsockname)
+            except server.proxy_error as e:
+                conn.close()
+                rec.count("qspp_connections_denied_total", "proxy")
+                server.log_proxy(remote, e)
+                return True
+            env = {**server.base_env, **env}
+            client = (env[b"TCPREMOTEIP"].decode(), int(env[b"TCPREMOTEPORT"]))
+            if header is not None and not header.local and server.per_ip:
+                n = slots.take(self.index, Slots.key(tcpenv._as16(header.source)))
+                if n > server.per_ip:
+                    conn.close()
+                    rec.count("qspp_connections_denied_total", "per_ip")
+                    server.log_per_ip(client, n - 1)
+                    return True
+            if server.resolve:
+                resolve_names(env, server.localname)
+            return self.session(conn, env, client)
         finally:
             slots.free(self.index)
 
-    def session(self, conn, remote) -> bool:
+    def session(self, conn, env, client) -> bool:
         server = self.server
-        try:
-            local = conn.getsockname()
-        except OSError:
-            conn.close()
-            return True  # the client is already gone
-        env = connection_environ(server.base_env, local, remote, server.localname,
-                                 server.resolve)
         if server.rules_path is not None:
             self.in_rules = True
             try:
                 if self.reload or server.rules_changed():
                     self.reload_rules()
-                rule = server.lookup(env, remote)
+                rule = server.lookup(env, client)
             finally:
                 self.in_rules = False
             if rule is False:
                 conn.close()
+                server.rec.count("qspp_connections_denied_total", "rules")
                 return True
             if rule is not None:
                 rule.apply(env)
         clean = True
         try:
-            self.remote = remote
+            self.client = client
             if server.session_time:
                 _signal.setitimer(_signal.ITIMER_REAL, server.session_time)
             fd = conn.detach()
@@ -955,7 +1030,13 @@ class Server:
         self.workers = {}       # pid -> (slot index, start time)
         self.slots = Slots(self.limit)
         self.pending = set()
-        self.listener = None
+        self.listeners = []
+        self.proxy_from = ns.proxy_from
+        self.proxy_error = _NeverRaised
+        if ns.proxy_from is not None:
+            from .proxyproto import ProxyError
+            self.proxy_error = ProxyError
+        self.rec = _NO_METRICS
         self.sel = None
         self.spare = min(self.limit, SPARE_WORKERS)
         self.free_slots = list(range(self.limit - 1, -1, -1))  # indexes no worker holds
@@ -965,14 +1046,26 @@ class Server:
         self.killed = None      # when the stragglers got SIGTERM
 
     # -- setup ---------------------------------------------------------------
-    def listen(self, host, port, backlog):
-        host = "0.0.0.0" if host in ("", "0") else host
-        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind((host, port))
-        s.listen(backlog)
-        self.listener = s
-        return s.getsockname()
+    def listen(self, hosts, port, backlog):
+        """One listener per host, all on one port (port 0: the first one's).
+
+        [(host, port)] as bound; OSError names the host that failed.
+        """
+        names = []
+        for host in hosts:
+            host = "0.0.0.0" if host in ("", "0") else host
+            try:
+                s = _listener(host, port, backlog)
+            except (OSError, OverflowError) as e:
+                raise OSError(getattr(e, "errno", None), "%s port %d: %s" % (
+                    host, port, getattr(e, "strerror", None) or e)) from None
+            self.listeners.append(s)
+            port = s.getsockname()[1]
+            names.append((host, port))
+        if len(self.listeners) > 1:
+            for s in self.listeners:
+                s.setblocking(False)  # every worker polls all; one wins each client
+        return names
 
     def load_rules(self, why):
         """(Re)load the rules; on failure keep the old ones and say so once.
@@ -1010,11 +1103,14 @@ class Server:
         return sig != self.rules.signature and sig != self.bad_rules
 
     def lookup(self, env, remote):
-        """The client's rule: a Rule, None (no rule), or False (closed: denied or unreadable)."""
+        """The client's rule: a Rule, None (no rule), or False (closed: denied or unreadable).
+
+        REMOTE: the client's (ip, port), the PROXY header's when there is one.
+        """
         rules = self.rules
         ip = env[b"TCPREMOTEIP"]
         try:
-            rule = rules.lookup(ip, env.get(b"TCPREMOTEHOST"))
+            rule = rules.lookup(ip, env.get(b"TCPREMOTEHOST"), ipv6=True)
         except OSError as e:
             log(b"serve: unable to read %s: %s: dropped %s port %d" % (
                 os.fsencode(rules.path), (e.strerror or str(e)).encode(), ip, remote[1]))
@@ -1044,6 +1140,15 @@ class Server:
         elif self.log_mode == "text":
             log("serve: per-ip limit: closed %s port %d (%d sessions from it)"
                 % (remote[0], remote[1], n))
+
+    def log_proxy(self, peer, error):
+        """A balancer's connection without a valid PROXY header was closed."""
+        if self.log_mode == "json":
+            import json
+            log(json.dumps({"event": "serve-proxy", "ip": peer[0], "port": peer[1],
+                            "error": str(error)}, separators=(",", ":")))
+        elif self.log_mode == "text":
+            log("serve: proxy: closed %s port %d: %s" % (peer[0], peer[1], error))
 
     def close_in_worker(self):
         self.sel.close()
@@ -1183,7 +1288,8 @@ class Server:
 
     def stop_accepting(self):
         self.stopping = True
-        self.listener.close()
+        for s in self.listeners:
+            s.close()
         self._signal_workers(signal.SIGUSR1)  # idle ones end, busy ones after their session
         self.deadline = time.monotonic() + self.grace
         # the listener is gone only when every idle worker has closed its copy:
@@ -1227,6 +1333,39 @@ class Server:
 
 
 # ---------------------------------------------------------------------------
+
+class _NeverRaised(Exception):
+    """Stands for proxyproto.ProxyError when there is no --proxy-from."""
+
+
+class _NoMetrics:
+    """The recorder without --metrics: every call does nothing."""
+
+    def count(self, name, value=""):
+        pass
+
+
+_NO_METRICS = _NoMetrics()
+
+
+def _listener(host, port, backlog):
+    if ":" in host:
+        s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        # `::` takes IPv4 clients too, as the IPv6 tcpserver's socket does;
+        # any other IPv6 address only its own
+        any6 = socket.inet_pton(socket.AF_INET6, host) == bytes(16)
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if any6 else 1)
+    else:
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((host, port))
+        s.listen(backlog)
+    except BaseException:
+        s.close()
+        raise
+    return s
+
 
 def _warm_up():
     import importlib
@@ -1303,10 +1442,9 @@ def main(argv=None, environ=None) -> int:
             return 111
     _warm_up()
     try:
-        local = server.listen(ns.host, ns.port, ns.backlog)
-    except (OSError, OverflowError) as e:
-        log("serve: cannot listen on %s port %d: %s"
-            % (ns.host, ns.port, getattr(e, "strerror", None) or e))
+        names = server.listen(ns.host, ns.port, ns.backlog)
+    except OSError as e:
+        log("serve: cannot listen on %s" % e.strerror)
         return 111
     try:
         drop_privileges(ns)
@@ -1317,9 +1455,10 @@ def main(argv=None, environ=None) -> int:
     diagnose.log_startup(home, server.base_env, rules_path,
                          switched=ns.uid is not None or ns.user is not None)
     server.install_signals()
-    log(b"serve: listening on %s port %d, concurrency %d, per-ip %d, session time %s,"
+    log(b"serve: listening on %s, concurrency %d, per-ip %d, session time %s,"
         b" home %s%s" % (
-        local[0].encode(), local[1], ns.concurrency, ns.per_ip,
+        b" and ".join(b"%s port %d" % (h.encode(), p) for h, p in names),
+        ns.concurrency, ns.per_ip,
         b"%gs" % ns.max_session_time if ns.max_session_time else b"unlimited", home,
         b", rules " + rules_path if rules_path else b""))
     return server.run()

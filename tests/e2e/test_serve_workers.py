@@ -33,7 +33,7 @@ PLUGINS = (
     ':echo "HX-Rcpt: $SMTPRCPTTO ${SMTPAUTHUSER-noauth} ${RELAYCLIENT-norelay}'
     ' ${RULEVAR-none} ${DIRTY-clean} ${PYTHONPATH:+pythonpath}"\n'
 )
-ENV_PER_CONNECTION = (b"TCPREMOTEPORT",)
+ENV_PER_CONNECTION = (b"TCPREMOTEPORT", b"TCP6REMOTEPORT")
 
 
 def _status(pid):
