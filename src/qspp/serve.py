@@ -4,6 +4,7 @@
                [--qmailhome DIR] [--localname NAME] [--resolve] [--grace S]
                [--backlog N] [--log text|json|off] [-u UID] [-g GID] [--user NAME]
                [--per-ip N] [--max-session-time SECONDS] [--proxy-from CIDR[,CIDR...]]
+               [--metrics HOST:PORT]
                [-- SMTPD-ARGS ...]
 
 The parent imports everything a session needs once, binds, and forks --concurrency
@@ -41,6 +42,12 @@ stands for the client the header names: environment, rules, --resolve,
 balancer's own address.  A bad or missing header closes the connection with
 nothing sent and one log line.  Balancers themselves are never held to
 --per-ip.  From any other address a PROXY line is just a bad command.
+
+--metrics HOST:PORT: Prometheus text format at any path (/metrics), served
+by the parent from counts each worker keeps in its own row of shared memory
+(metrics.py): plain stores, no lock, no syscall per event.  The sessions
+count through their SPPLOG journal calls (smtpd.Observer), so nothing new is
+imported or done by a session under tcpserver.
 
 --rules: looked up as `tcpserver -x` does (see tcprules.py); a denied client is
 closed at once with nothing sent.  The cdb is re-read when it changes (tcprules
@@ -144,6 +151,14 @@ _port = _int_option("not a port number", 0, 65535)
 _id = _int_option("not a numeric id", 0)
 
 
+def _host_port(text):
+    host, sep, port = text.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise argparse.ArgumentTypeError("not HOST:PORT: %r" % text)
+    return host, int(port)
+
+
 def _seconds(text):
     try:
         n = float(text)
@@ -181,6 +196,9 @@ def parser():
     p.add_argument("--proxy-from", metavar="CIDR[,CIDR...]",
                    help="load balancers: their connections must start with a PROXY"
                    " header (v1 or v2), which names the real client")
+    p.add_argument("--metrics", metavar="HOST:PORT", type=_host_port,
+                   help="serve Prometheus metrics over HTTP on HOST:PORT"
+                   " ([::1]:PORT for IPv6)")
     p.add_argument("-x", "--rules", metavar="FILE.cdb",
                    help="tcprules cdb, looked up as tcpserver -x does")
     p.add_argument("--qmailhome", metavar="DIR",
@@ -709,6 +727,35 @@ class _EmbeddedQueue:
         return Queue(pid, mw, ew)
 
 
+class _TimedQueue:
+    """qmail-queue timed from its start to its answer, for --metrics."""
+
+    start_queue = None
+    rec = None
+    __slots__ = ("queue", "t0")
+
+    def __init__(self, queue, t0):
+        self.queue = queue
+        self.t0 = t0
+
+    @classmethod
+    def start(cls, program, env):
+        t0 = time.monotonic()
+        return cls(cls.start_queue(program, env), t0)
+
+    def __getattr__(self, name):
+        return getattr(self.queue, name)
+
+    def write(self, data):
+        self.queue.write(data)
+
+    def finish(self, envelope):
+        try:
+            return self.queue.finish(envelope)
+        finally:
+            _TimedQueue.rec.queue_time(time.monotonic() - self.t0)
+
+
 class _SessionAuthIO(smtpd._AuthIO):
     """AUTH as smtpd does it, with a CRAM-MD5 challenge number unique per session.
 
@@ -857,6 +904,13 @@ class Worker:
             _EmbeddedQueue.program = server.embedded_queue
             _EmbeddedQueue.in_process = _link_based()
             smtpd.Queue = _EmbeddedQueue
+        if server.metrics is not None:
+            from .metrics import SessionObserver
+            rec = server.rec
+            smtpd.Observer = lambda journal: SessionObserver(journal, rec)
+            _TimedQueue.start_queue = smtpd.Queue.start
+            _TimedQueue.rec = rec
+            smtpd.Queue = _TimedQueue
         self.cwd = os.getcwd()
         self.umask = os.umask(0o022)
         os.umask(self.umask)
@@ -1037,6 +1091,8 @@ class Server:
             from .proxyproto import ProxyError
             self.proxy_error = ProxyError
         self.rec = _NO_METRICS
+        self.metrics = None     # metrics.Metrics with --metrics
+        self.exporter = None
         self.sel = None
         self.spare = min(self.limit, SPARE_WORKERS)
         self.free_slots = list(range(self.limit - 1, -1, -1))  # indexes no worker holds
@@ -1151,6 +1207,8 @@ class Server:
             log("serve: proxy: closed %s port %d: %s" % (peer[0], peer[1], error))
 
     def close_in_worker(self):
+        if self.exporter is not None:
+            self.exporter.close_in_child()
         self.sel.close()
         os.close(self.wake_r)
         os.close(self.wake_w)
@@ -1182,6 +1240,9 @@ class Server:
         self.sel = selectors.DefaultSelector()
         self.sel.register(self.wake_r, selectors.EVENT_READ)
         self.sel.register(self.note_r, selectors.EVENT_READ)
+        exp = self.exporter
+        if exp is not None:
+            exp.register(self.sel)
         # what the parent has now is shared, unchanged, by every worker
         gc.freeze()
         self.top_up()
@@ -1199,12 +1260,21 @@ class Server:
                 until = self.killed + KILL_WAIT if self.killed is not None else self.deadline
                 left = max(0.0, until - now)
                 timeout = left if timeout is None else min(timeout, left)
-            for key, _ in self.sel.select(timeout):
+            if exp is not None:
+                t = exp.timeout()
+                if t is not None:
+                    timeout = t if timeout is None else min(timeout, t)
+            for key, events in self.sel.select(timeout):
+                if exp is not None and exp.owns(key):
+                    exp.ready(key, events)
+                    continue
                 try:
                     while os.read(key.fd, 512):
                         pass
                 except BlockingIOError:
                     pass
+            if exp is not None:
+                exp.expire()
             self.handle_signals()
             if self.stopping:
                 self.enforce_deadline()
@@ -1235,9 +1305,13 @@ class Server:
                 continue
             if pid == 0:
                 return
-            index, started = self.workers.pop(pid, (None, None))
+            index, started, row = self.workers.pop(pid, (None, None, None))
             if index is None:
                 continue
+            if self.metrics is not None:
+                if os.WIFSIGNALED(status) and self.slots.mem[index * Slots.SIZE]:
+                    self.rec.count("qspp_sessions_total", "killed")
+                self.metrics.release(row)
             self.slots.free(index)
             self.free_slots.append(index)
             if self.stopping:
@@ -1261,6 +1335,7 @@ class Server:
 
     def start_worker(self) -> bool:
         index = self.free_slots.pop()
+        row = self.metrics.claim() if self.metrics is not None else None
         signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS + (signal.SIGUSR1,))
         try:
             pid = os.fork()
@@ -1268,11 +1343,15 @@ class Server:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS + (signal.SIGUSR1,))
             log("serve: fork: %s" % e.strerror)
             self.free_slots.append(index)
+            if row is not None:
+                self.metrics.free.append(row)
             self.resume_at = time.monotonic() + 0.5
             return False
         if pid == 0:
             status = 1
             try:
+                if self.metrics is not None:
+                    self.rec = self.metrics.recorder(row)
                 status = Worker(self, index).run()
             except BaseException as e:  # noqa: B902 - nothing may return into the parent's loop
                 try:
@@ -1282,9 +1361,20 @@ class Server:
                 status = 1
             finally:
                 os._exit(status)
-        self.workers[pid] = (index, time.monotonic())
+        self.workers[pid] = (index, time.monotonic(), row)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS + (signal.SIGUSR1,))
         return True
+
+    def start_metrics(self, host, port):
+        """The shared table and the parent's HTTP listener, before any fork."""
+        from . import metrics
+        # row 0 is the parent's; a worker reaped frees its row for the next
+        self.metrics = metrics.Metrics(rows=self.limit + 1)
+        self.rec = self.metrics.parent
+        self.exporter = metrics.Exporter(
+            metrics.listen(host, port),
+            lambda: self.metrics.render(active=self.slots.busy()))
+        return self.exporter.listener.getsockname()
 
     def stop_accepting(self):
         self.stopping = True
@@ -1446,6 +1536,14 @@ def main(argv=None, environ=None) -> int:
     except OSError as e:
         log("serve: cannot listen on %s" % e.strerror)
         return 111
+    metrics_at = None
+    if ns.metrics is not None:
+        try:
+            metrics_at = server.start_metrics(*ns.metrics)
+        except (OSError, OverflowError) as e:
+            log("serve: cannot listen for metrics on %s port %d: %s"
+                % (ns.metrics[0], ns.metrics[1], getattr(e, "strerror", None) or e))
+            return 111
     try:
         drop_privileges(ns)
     except OSError as e:
@@ -1461,6 +1559,8 @@ def main(argv=None, environ=None) -> int:
         ns.concurrency, ns.per_ip,
         b"%gs" % ns.max_session_time if ns.max_session_time else b"unlimited", home,
         b", rules " + rules_path if rules_path else b""))
+    if metrics_at is not None:
+        log("serve: metrics on %s port %d" % metrics_at[:2])
     return server.run()
 
 
