@@ -25,7 +25,7 @@ clients wait in the kernel's backlog.
 With the embedded home, its queue program runs as a fork of the session
 (qspp.maildirqueue.deliver on the same two pipes) instead of a new interpreter.
 
---per-ip: at most N sessions per client address (default 20); one more is
+--per-ip: at most N sessions per client address (default 20, at most -c - 1); one more is
 closed with nothing sent and one line logged.  --max-session-time: a session's
 whole life (default 1200 s); past it the session ends at its next wait for the
 client, with netqmail's timeout reply.
@@ -183,9 +183,10 @@ def parser():
                    help="TCP port (default 2525; 0 picks a free one, logged at startup)")
     p.add_argument("-c", "--concurrency", type=_positive, default=40, metavar="N",
                    help="at most N sessions at once, as tcpserver -c (default 40)")
-    p.add_argument("--per-ip", type=_count, default=DEFAULT_PER_IP, metavar="N",
+    p.add_argument("--per-ip", type=_count, metavar="N",
                    help="at most N sessions from one client address; more are closed"
-                   " with nothing sent and logged (default 20; 0 = no limit)")
+                   " with nothing sent and logged (default 20, or -c minus 1 when"
+                   " that is less: one address never holds every slot; 0 = no limit)")
     p.add_argument("--max-session-time", type=_seconds, default=DEFAULT_SESSION_TIME,
                    metavar="SECONDS",
                    help="a session still open after SECONDS gets qmail's 451 timeout at"
@@ -240,6 +241,8 @@ def parse_args(argv):
             ns.proxy_from = ProxyFrom.parse(ns.proxy_from)
         except ValueError as e:
             p.error("argument --proxy-from: %s" % e)
+    if ns.per_ip is None:
+        ns.per_ip = max(1, min(DEFAULT_PER_IP, ns.concurrency - 1))
     ns.smtpd_args = [os.fsencode(a) for a in smtpd_args]
     return ns
 

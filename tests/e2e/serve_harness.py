@@ -85,6 +85,9 @@ class ServeServer:
         if queue is not None:
             for f in set(queue.iterdir()) - before:
                 f.unlink()
+        # the listener is bound before the workers exist; a test counting them
+        # wants at least the first one
+        wait_for(self.children, timeout, "qspp serve's first worker")
         return self
 
     def connect(self, greet=GREETING, timeout=5.0, source=None) -> Client:

@@ -114,7 +114,7 @@ def test_concurrent_clients_no_cross_talk(home, serve):
     """8 sessions at once, each with its own sender, recipients and plugin
     environment; every queued message carries only its own."""
     home.control("smtpplugins", PLUGINS_TAG)
-    s = serve("--concurrency", "8")
+    s = serve("--concurrency", "8", "--per-ip", "0")  # eight from one address
     n = 8
     barrier = threading.Barrier(n, timeout=20)
     results = [None] * n
@@ -320,7 +320,7 @@ def test_concurrency_limit_defers_the_greeting(home, serve):
 
 
 def test_no_zombies_after_many_short_sessions(home, serve):
-    s = serve("--concurrency", "4", "--log", "off")
+    s = serve("--concurrency", "4", "--log", "off", "--per-ip", "0")
     for _ in range(12):
         c = s.connect()
         c.close()  # EOF: the session exits at once

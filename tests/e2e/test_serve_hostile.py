@@ -22,7 +22,7 @@ def _silent_clients(port, n, source="127.0.0.2"):
 
 
 def test_silent_clients_from_one_address_leave_slots_for_others(home, serve):
-    s = serve("-c", "4", "--per-ip", "2")
+    s = serve("-c", "4")              # default --per-ip: -c minus 1 when below 20
     socks = _silent_clients(s.port, 20)
     try:
         time.sleep(0.5)                        # let serve take them all in
@@ -31,7 +31,7 @@ def test_silent_clients_from_one_address_leave_slots_for_others(home, serve):
         assert real.reply(timeout=5) == GREETING
         assert time.monotonic() - t0 < 1.0
         assert real.cmd(b"QUIT") == QUIT
-        # two of the twenty have sessions; the rest were closed with nothing sent
+        # three of the twenty have sessions; the rest were closed with nothing sent
         got = []
         for sock in socks:
             sock.settimeout(3)
@@ -39,10 +39,10 @@ def test_silent_clients_from_one_address_leave_slots_for_others(home, serve):
                 got.append(sock.recv(100))
             except socket.timeout:
                 got.append(None)
-        assert got.count(GREETING) == 2 and got.count(b"") == 18, got
+        assert got.count(GREETING) == 3 and got.count(b"") == 17, got
         closed = [ln for ln in s.lines() if b"per-ip limit" in ln]
-        assert len(closed) == 18
-        s.wait_line(PER_IP_LINE % 2)
+        assert len(closed) == 17
+        s.wait_line(PER_IP_LINE % 3)
     finally:
         for sock in socks:
             sock.close()
@@ -110,7 +110,9 @@ def test_usage_errors(home, tmp_path, args, message):
     assert proc.stderr.splitlines()[-1] == b"qspp serve: error: " + message
 
 
-def test_the_defaults_are_in_the_start_line(home, serve):
-    s = serve()
-    s.wait_line(rb"serve: listening on 127\.0\.0\.1 port \d+, concurrency 40, per-ip 20,"
-                rb" session time 1200s, home ")
+@pytest.mark.parametrize("args, per_ip", [([], 20), (["-c", "8"], 7), (["-c", "1"], 1),
+                                          (["-c", "8", "--per-ip", "2"], 2)])
+def test_the_defaults_are_in_the_start_line(home, serve, args, per_ip):
+    s = serve(*args)
+    s.wait_line(rb"serve: listening on 127\.0\.0\.1 port \d+, concurrency \d+, per-ip %d,"
+                rb" session time 1200s, home " % per_ip)

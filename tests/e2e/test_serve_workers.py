@@ -136,9 +136,8 @@ def test_nothing_crosses_between_sessions_of_one_worker(home, serve, certs, tmp_
 
 
 def test_a_crashed_worker_is_replaced(home, serve):
-    s = serve("-c", "2")
-    workers = s.children()
-    assert len(workers) == 2
+    s = serve("-c", "2", "--per-ip", "0")
+    workers = wait_for(lambda: len(s.children()) == 2 and s.children(), 5, "2 workers")
     victim = min(workers)
     os.kill(victim, signal.SIGKILL)
     s.wait_line(rb"serve: worker %d killed by signal 9$" % victim)
@@ -161,7 +160,7 @@ def test_workers_are_recycled_after_their_sessions(home, serve):
 
 
 def test_concurrency_still_bounds_sessions(home, serve):
-    s = serve("-c", "2")
+    s = serve("-c", "2", "--per-ip", "0")
     a, b = s.connect(), s.connect()
     third = s.connect(greet=None)
     third.silent(0.8)
@@ -249,7 +248,7 @@ def test_cram_md5_challenges_differ_between_sessions_of_one_worker(home, serve):
 def test_workers_start_as_sessions_need_them(home, serve):
     """-c 40 does not mean 40 idle processes: 8 wait, more start as sessions take
     them, and -c stays the bound."""
-    s = serve("-c", "12")
+    s = serve("-c", "12", "--per-ip", "0")
     wait_for(lambda: len(s.children()) == 8, 5, "8 spare workers")
     time.sleep(0.3)
     assert len(s.children()) == 8
