@@ -60,6 +60,16 @@ and waits up to --grace seconds for running sessions; then they get SIGTERM,
 and SIGKILL 2 s later; the exit status is 0.  A second SIGTERM ends the wait.
 SIGHUP re-reads the rules.
 
+SIGUSR2 upgrades without closing the listeners (handover.py): a trial run of
+the command line as it is now (new code included) must parse the arguments
+and import everything, else the upgrade is logged as refused and nothing
+changes; then the workers are told to finish their session and accept no
+more, and this process re-executes itself (same pid: the supervisor keeps
+it) with its listening sockets open.  The new image adopts them, so clients
+connecting meanwhile wait in the kernel's backlog, never refused.  The old
+workers stay its children and are reaped when their sessions end.  Not
+SO_REUSEPORT: the kernel resets clients queued on a socket that closes.
+
 Home: --qmailhome, else $QMAILHOME, else /var/qmail when control/me exists
 there, else the embedded home ($XDG_DATA_HOME/qspp, ~/.local/share/qspp),
 created on first use as a receiver for this host that delivers into its
@@ -126,7 +136,11 @@ _WARM_MODULES = ("qspp.received", "qspp.spplog", "qspp.spool", "qspp.auth", "qsp
                  "qspp.maildirqueue", "qspp.queue",
                  "qspp.checkpassword",
                  "json", "ssl", "_socket", "array", "fcntl", "struct")
-_SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+_SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2)
+# Set in the environment of the trial run before an upgrade: parse the
+# arguments and import everything, then exit 0 without binding anything.
+UPGRADE_CHECK = b"QSPP_SERVE_UPGRADE_CHECK"
+UPGRADE_CHECK_TIME = 60.0
 
 
 # ---------------------------------------------------------------------------
@@ -466,7 +480,8 @@ def _who(ids) -> bytes:
 def choose_home(ns, environ) -> "tuple[bytes, dict]":
     """(home, variables to set); logs where mail goes for the embedded home."""
     ids = switch_ids(ns)
-    switching = ids is not None and os.geteuid() == 0
+    # after an upgrade the switch has been made already; the home is the same
+    switching = ids is not None and (os.geteuid() == 0 or _switched(ids))
     home, how = homes.find(ns.qmailhome, environ, system=switching)  # as `qspp check` finds it
     if how != homes.EMBEDDED:
         return home, {}
@@ -842,7 +857,7 @@ class Worker:
         self.reload = False
         self.in_rules = False
         self.client = None      # (ip, port) the session stands for
-        self.poll = None        # with more than one listener
+        self.ready = None       # epoll on the listeners
 
     def _on_stop(self, signum, frame):
         self.stopping = True
@@ -918,53 +933,59 @@ class Worker:
         self.umask = os.umask(0o022)
         os.umask(self.umask)
         self.null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
-        if len(server.listeners) > 1:
-            import select
-            self.poll = select.poll()
-            for s in server.listeners:
-                self.poll.register(s, select.POLLIN)
+        # Idle workers wait in epoll, not in accept(): a stop signal may then
+        # end the wait at any moment without losing a client accept() had
+        # already taken (SIGUSR1 at an upgrade comes while clients arrive).
+        # EPOLLEXCLUSIVE wakes one waiter per client, as a blocking accept would.
+        import select
+        self.ready = select.epoll()
+        for s in server.listeners:
+            self.ready.register(s, select.EPOLLIN | select.EPOLLEXCLUSIVE)
         self.fds = _open_fds()
         self.rss = _max_rss_kb()
         served = 0
-        while not self.stopping and served < server.worker_sessions:
-            self.idle = True
-            try:
+        try:
+            while not self.stopping and served < server.worker_sessions:
+                events = self.wait()
                 if self.stopping:
                     break
-                got = self.accept()
+                try:
+                    got = self.accept(events)
+                except OSError as e:
+                    # out of descriptors or memory: the client stays in the backlog
+                    log("serve: accept: %s" % e.strerror)
+                    time.sleep(0.1)
+                    continue
                 if got is None:
                     continue
-                conn, remote = got
-            except _Stop:
-                break
-            except ConnectionAbortedError:
-                continue
-            except OSError as e:
-                if self.stopping:
-                    break
-                # out of descriptors or memory: the client stays in the backlog
-                log("serve: accept: %s" % e.strerror)
-                time.sleep(0.1)
-                continue
-            finally:
-                self.idle = False
-            served += 1
-            if not self.serve(conn, remote):
-                return 0
+                served += 1
+                if not self.serve(*got):
+                    return 0
+        except _Stop:
+            pass
         return 0
 
-    def accept(self):
-        """(conn, peer) from whichever listener has a client; None: another
-        worker took it first."""
-        listeners = self.server.listeners
-        if self.poll is None:
-            return listeners[0].accept()
-        for fd, _ in self.poll.poll():
-            for s in listeners:
+    def wait(self):
+        """The listeners' events; [] when told to stop."""
+        self.idle = True
+        try:
+            if self.stopping:
+                return []
+            return self.ready.poll()
+        except _Stop:
+            return []
+        finally:
+            self.idle = False
+
+    def accept(self, events):
+        """(conn, peer) from a listener with a client; None: another worker
+        took it first."""
+        for fd, _ in events:
+            for s in self.server.listeners:
                 if s.fileno() == fd:
                     try:
                         conn, peer = s.accept()
-                    except BlockingIOError:
+                    except (BlockingIOError, ConnectionAbortedError):
                         continue
                     conn.setblocking(True)
                     return conn, peer
@@ -1105,14 +1126,27 @@ class Server:
         self.killed = None      # when the stragglers got SIGTERM
 
     # -- setup ---------------------------------------------------------------
-    def listen(self, hosts, port, backlog):
+    def listen(self, hosts, port, backlog, adopted=()):
         """One listener per host, all on one port (port 0: the first one's).
 
+        ADOPTED: sockets handed over by the image before an upgrade; one bound
+        to a host and port asked for is used as it is, the others are closed.
         [(host, port)] as bound; OSError names the host that failed.
         """
+        from .handover import find
         names = []
+        adopted = list(adopted)
+        self.taken = 0
         for host in hosts:
             host = "0.0.0.0" if host in ("", "0") else host
+            s = find(adopted, host, port)
+            if s is not None:
+                adopted.remove(s)
+                self.listeners.append(s)
+                self.taken += 1
+                port = s.getsockname()[1]
+                names.append((host, port))
+                continue
             try:
                 s = _listener(host, port, backlog)
             except (OSError, OverflowError) as e:
@@ -1121,9 +1155,10 @@ class Server:
             self.listeners.append(s)
             port = s.getsockname()[1]
             names.append((host, port))
-        if len(self.listeners) > 1:
-            for s in self.listeners:
-                s.setblocking(False)  # every worker polls all; one wins each client
+        for s in adopted:
+            s.close()  # a --host no longer asked for
+        for s in self.listeners:
+            s.setblocking(False)  # workers wait in epoll; one wins each client
         return names
 
     def load_rules(self, why):
@@ -1237,6 +1272,8 @@ class Server:
         for sig in _SIGNALS:
             signal.signal(sig, self._on_signal)
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        # blocked across the exec of an upgrade, until the handler is back
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGUSR2,))
 
     # -- the loop ------------------------------------------------------------
     def run(self) -> int:
@@ -1246,6 +1283,9 @@ class Server:
         exp = self.exporter
         if exp is not None:
             exp.register(self.sel)
+        # after an upgrade: old workers that ended before our SIGCHLD handler was
+        # in place sent their signal to nobody
+        self.reap()
         # what the parent has now is shared, unchanged, by every worker
         gc.freeze()
         self.top_up()
@@ -1292,6 +1332,9 @@ class Server:
             self.reap()
         if signal.SIGHUP in sigs and self.rules_path is not None and not self.stopping:
             self.load_rules("SIGHUP")
+        if signal.SIGUSR2 in sigs and not self.stopping and not sigs & {
+                signal.SIGTERM, signal.SIGINT}:
+            self.upgrade()
         if sigs & {signal.SIGTERM, signal.SIGINT}:
             if self.stopping:
                 self.deadline = time.monotonic()  # asked again: no more waiting
@@ -1379,6 +1422,28 @@ class Server:
             lambda: self.metrics.render(active=self.slots.busy()))
         return self.exporter.listener.getsockname()
 
+    def upgrade(self):
+        """SIGUSR2: re-execute this command line in this process, listeners kept."""
+        argv = _command_line()
+        why = _trial_run(argv)
+        if why is not None:
+            log("serve: upgrade refused, still serving: %s" % why)
+            return
+        from . import handover
+        signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGUSR2,))
+        self._signal_workers(signal.SIGUSR1)  # finish the session, accept no more
+        env = handover.prepare(self.listeners, dict(os.environb))
+        log("serve: upgrade: re-executing with %d listening socket%s; %d worker%s finishing"
+            % (len(self.listeners), "" if len(self.listeners) == 1 else "s",
+               len(self.workers), "" if len(self.workers) == 1 else "s"))
+        try:
+            os.execve(sys.executable, argv, env)
+        except OSError as e:
+            # the descriptors have been moved for the new image: this one
+            # cannot go on; the supervisor starts a fresh one
+            log("serve: upgrade: cannot execute %s: %s" % (sys.executable, e.strerror))
+            os._exit(111)
+
     def stop_accepting(self):
         self.stopping = True
         for s in self.listeners:
@@ -1460,6 +1525,38 @@ def _listener(host, port, backlog):
     return s
 
 
+# what a trial run must import besides _WARM_MODULES: the code serve itself runs
+_UPGRADE_MODULES = ("qspp.serve", "qspp.smtpd", "qspp.session", "qspp.handover",
+                    "qspp.tcpenv", "qspp.tcprules")
+
+
+def _command_line() -> "list[bytes]":
+    """This process's argv as the kernel has it (interpreter options and all)."""
+    with open("/proc/self/cmdline", "rb") as f:
+        return f.read().rstrip(b"\0").split(b"\0")
+
+
+def _trial_run(argv) -> "str | None":
+    """Run the command line as a trial (UPGRADE_CHECK): None when it passes,
+    else why not."""
+    import subprocess
+    env = dict(os.environb)
+    env[UPGRADE_CHECK] = b"1"
+    try:
+        p = subprocess.run(argv, executable=sys.executable, env=env,
+                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, timeout=UPGRADE_CHECK_TIME)
+    except subprocess.TimeoutExpired:
+        return "the trial run of the new code took over %g s" % UPGRADE_CHECK_TIME
+    except OSError as e:
+        return "cannot run %s: %s" % (sys.executable, e.strerror)
+    if p.returncode != 0:
+        lines = p.stderr.decode("utf-8", "replace").strip().splitlines()
+        return "the trial run of the new code exited %d%s" % (
+            p.returncode, (": " + lines[-1]) if lines else "")
+    return None
+
+
 def _warm_up():
     import importlib
     for name in _WARM_MODULES:
@@ -1482,6 +1579,16 @@ def _ensure_std_fds():
                 os.close(null)
 
 
+def _switched(ids) -> bool:
+    """Already running as the user and group asked for, without root (the
+    image after an upgrade of a serve that switched users)."""
+    if ids is None or os.geteuid() == 0:
+        return False
+    uid, gid, _ = ids
+    return (uid is None or (os.getuid(), os.geteuid()) == (uid, uid)) and (
+        gid is None or (os.getgid(), os.getegid(), os.getgroups()) == (gid, gid, [gid]))
+
+
 def drop_privileges(ns) -> None:
     """tcpserver's prot_gid then prot_uid: the group list becomes the one gid."""
     try:
@@ -1491,6 +1598,8 @@ def drop_privileges(ns) -> None:
     if ids is None:
         return
     uid, gid, _ = ids
+    if _switched(ids):
+        return  # re-executed by an upgrade: done before the exec
     if gid is not None:
         os.setgroups([gid])
         os.setgid(gid)
@@ -1515,7 +1624,19 @@ def main(argv=None, environ=None) -> int:
     if environ is None:
         environ = os.environb
     ns = parse_args(argv)
+    if environ.get(UPGRADE_CHECK) == b"1":
+        _warm_up()
+        import importlib
+        for name in _UPGRADE_MODULES:
+            importlib.import_module(name)  # an ImportError fails the trial
+        return 0
     _ensure_std_fds()
+    from . import handover
+    try:
+        adopted = handover.adopt(environ)  # before anything copies the environment
+    except handover.HandoverError as e:
+        log("serve: cannot take over listening sockets: %s" % e)
+        return 111
     try:
         home, extra = choose_home(ns, environ)
     except (OSError, SetupError) as e:
@@ -1535,10 +1656,13 @@ def main(argv=None, environ=None) -> int:
             return 111
     _warm_up()
     try:
-        names = server.listen(ns.host, ns.port, ns.backlog)
+        names = server.listen(ns.host, ns.port, ns.backlog, adopted)
     except OSError as e:
         log("serve: cannot listen on %s" % e.strerror)
         return 111
+    if adopted:
+        log("serve: upgraded: took over %d listening socket%s"
+            % (server.taken, "" if server.taken == 1 else "s"))
     metrics_at = None
     if ns.metrics is not None:
         try:

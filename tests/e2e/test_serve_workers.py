@@ -56,8 +56,8 @@ def _idle_state(pid):
     """The worker's state once it waits in accept()."""
     def waiting():
         with open("/proc/%d/wchan" % pid) as f:
-            return "accept" in f.read()
-    wait_for(waiting, 5, "worker %d to wait in accept()" % pid)
+            return f.read() in ("ep_poll", "do_epoll_wait")  # idle: waiting for a client
+    wait_for(waiting, 5, "worker %d to wait for a client" % pid)
     return _worker_state(pid)
 
 
