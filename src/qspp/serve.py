@@ -509,7 +509,7 @@ def choose_home(ns, environ) -> "tuple[bytes, dict]":
 
 
 # ---------------------------------------------------------------------------
-# one connection, in the child
+# one connection, in a worker
 
 def resolve_names(env: dict, localname) -> None:
     """--resolve: TCPREMOTEHOST (and TCPLOCALHOST unless -l) from the DNS,
