@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .conftest import QmailHome, wait_for
 from .serve_harness import ServeServer
+from .test_ipv6 import smtp
 from .test_policy_daemons import free_port, listening, me, need, stop
 from .test_serve import make_rules
 from .test_serve_ipv6_proxy import HAPROXY, connect
@@ -23,15 +24,6 @@ def rewrite(text: str, changes: dict) -> str:
         assert old in text, "docs/fleet no longer has %r" % old
         text = text.replace(old, new)
     return text
-
-
-def greet_and(c, lines):
-    f = c.makefile("rb")
-    out = [f.readline()]
-    for line in lines:
-        c.sendall(line)
-        out.append(f.readline())
-    return out
 
 
 def test_two_nodes_behind_haproxy_share_greylisting(home, tmp_path):
@@ -89,7 +81,7 @@ def test_two_nodes_behind_haproxy_share_greylisting(home, tmp_path):
         # first attempt, from 127.0.0.2: greylisted by whichever node took it
         t0 = time.monotonic()
         with connect("127.0.0.1", front, "127.0.0.2") as c:
-            got = greet_and(c, [b"HELO client\r\n", b"MAIL FROM:<a@b.example>\r\n",
+            got = smtp(c, [b"HELO client\r\n", b"MAIL FROM:<a@b.example>\r\n",
                                 b"RCPT TO:<x@example.org>\r\n", b"QUIT\r\n"])
         first = re.match(rb"220 (node\d)\.example\.org ESMTP", got[0]).group(1)
         assert got[3].startswith(b"450 4.2.0 <x@example.org>: Recipient address rejected:"

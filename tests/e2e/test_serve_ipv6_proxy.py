@@ -20,7 +20,7 @@ import pytest
 from .conftest import normalize_date, wait_for
 from .serve_harness import ServeServer
 from .test_ipv6 import DUMP_PLUGIN, ENVDUMP, _rules_cdb, smtp, tcp_vars
-from .test_serve import make_rules
+from .test_serve import make_rules, serve  # noqa: F401 - the fixture
 from .ucspi6 import Server, read_all, require_ipv6, unpack
 
 HAPROXY = shutil.which("haproxy")
@@ -32,19 +32,6 @@ SESSION = [b"HELO h\r\n", b"MAIL FROM:<a@b>\r\n", b"RCPT TO:<x@example.org>\r\n"
 @pytest.fixture(scope="module")
 def ucspi(tmp_path_factory):
     return unpack(tmp_path_factory.mktemp("ucspi6"))
-
-
-@pytest.fixture
-def servers(home, tmp_path):
-    started = []
-
-    def start(*args, **kw):
-        s = ServeServer(home, tmp_path / ("serve%d" % len(started)), *args, **kw)
-        started.append(s)
-        return s.start()
-    yield start
-    for s in started:
-        s.stop()
 
 
 def connect(host, port, source=None):
@@ -64,8 +51,8 @@ def plugin_env(home) -> dict:
     return dict(e.split(b"=", 1) for e in data.split(b"\0"))
 
 
-def tcpserver_env(ucspi, listen, client, source) -> dict:
-    srv = Server(ucspi["tcpserver"], listen, [ENVDUMP_PATH], {"PATH": "/usr/bin:/bin"})
+def tcpserver_env(ucspi, envdump, listen, client, source) -> dict:
+    srv = Server(ucspi["tcpserver"], listen, [envdump], {"PATH": "/usr/bin:/bin"})
     try:
         with srv.connect(client, source) as s:
             return tcp_vars(read_all(s))
@@ -73,16 +60,11 @@ def tcpserver_env(ucspi, listen, client, source) -> dict:
         srv.stop()
 
 
-ENVDUMP_PATH = None
-
-
 @pytest.fixture
 def envdump(tmp_path):
-    global ENVDUMP_PATH
     p = tmp_path / "envdump"
     p.write_text(ENVDUMP)
     p.chmod(0o755)
-    ENVDUMP_PATH = str(p)
     return str(p)
 
 
@@ -95,13 +77,13 @@ def without_ports(env):
     (("::1", "127.0.0.1"), [("::1", None, "::1"), ("127.0.0.1", "127.0.0.2", "127.0.0.1")]),
     (("::",), [("::1", None, "0"), ("127.0.0.1", "127.0.0.2", "0")]),
 ])
-def test_ipv6_environment_is_the_real_ipv6_tcpservers(ucspi, envdump, home, servers,
+def test_ipv6_environment_is_the_real_ipv6_tcpserve(ucspi, envdump, home, serve,
                                                         hosts, cases):
     require_ipv6()
     home.control("smtpplugins", "[connection]\nplugins/dump\n")
     home.python_plugin("plugins/dump", DUMP_PLUGIN)
     args = [a for h in hosts for a in ("--host", h)]
-    s = servers(*args, "--localname", "0")
+    s = serve(*args, "--localname", "0")
     assert s.host == hosts[0]
     if len(hosts) > 1:
         s.wait_line(rb"listening on ::1 port %d and 127\.0\.0\.1 port %d," % (s.port, s.port))
@@ -114,7 +96,7 @@ def test_ipv6_environment_is_the_real_ipv6_tcpservers(ucspi, envdump, home, serv
         assert replies[0] == b"220 mx.example.org ESMTP\r\n"
         assert replies[5].startswith(b"250 ok ")
         got = {k: v for k, v in plugin_env(home).items() if k.startswith(b"TCP") or k == b"PROTO"}
-        want = tcpserver_env(ucspi, listen, client, source)
+        want = tcpserver_env(ucspi, envdump, listen, client, source)
         assert without_ports(got) == without_ports(want)
         assert set(got) == set(want)
         for name, port in ((b"LOCALPORT", local_port), (b"REMOTEPORT", remote_port)):
@@ -126,12 +108,12 @@ def test_ipv6_environment_is_the_real_ipv6_tcpservers(ucspi, envdump, home, serv
         assert normalize_date(run.M) == run.message
 
 
-def test_ipv6_rules_use_the_ipv6_tcpservers_keys(ucspi, home, servers, tmp_path):
+def test_ipv6_rules_use_the_ipv6_tcpservers_keys(ucspi, home, serve, tmp_path):
     require_ipv6()
     # written by the IPv6 tcprules; "::" is a prefix of ::1 for the IPv6 tcpserver
     rules = tmp_path / "rules.cdb"
     _rules_cdb(ucspi["tcprules"], rules, ["::1:deny\n", "::allow,RULE=\"v6\"\n", ":allow\n"])
-    s = servers("--host", "::", "--rules", str(rules))
+    s = serve("--host", "::", "--rules", str(rules))
     with connect("::1", s.port) as c:
         assert read_all(c) == b""
     s.wait_line(rb"serve: deny ::1 port \d+ \(rule \"::1\"\)")
@@ -229,13 +211,13 @@ def haproxy(tmp_path):
 
 
 @pytest.mark.parametrize("version", [1, 2])
-def test_behind_haproxy_the_client_is_the_one_haproxy_saw(home, servers, haproxy, tmp_path,
+def test_behind_haproxy_the_client_is_the_one_haproxy_saw(home, serve, haproxy, tmp_path,
                                                           version):
     home.control("smtpplugins", "[connection]\nplugins/dump\n")
     home.python_plugin("plugins/dump", DUMP_PLUGIN)
     rules = make_rules(tmp_path / "rules.cdb",
                        '127.0.0.3:deny\n127.0.0.2:allow,RULE="two"\n:deny\n')
-    s = servers("--proxy-from", "127.0.0.1/32", "--localname", "0", "--rules", str(rules))
+    s = serve("--proxy-from", "127.0.0.1/32", "--localname", "0", "--rules", str(rules))
     h = haproxy(s.port)
     front = h.p1 if version == 1 else h.p2
     with connect("127.0.0.1", front, "127.0.0.2") as c:
@@ -260,11 +242,11 @@ def test_behind_haproxy_the_client_is_the_one_haproxy_saw(home, servers, haproxy
     home.assert_no_new_runs()
 
 
-def test_a_health_check_keeps_the_balancers_address(home, servers, haproxy, tmp_path):
+def test_a_health_check_keeps_the_balancers_address(home, serve, haproxy, tmp_path):
     home.control("smtpplugins", "[connection]\nplugins/conn\n")
     home.write("plugins/conn", '#!/bin/sh\necho "$TCPREMOTEIP $TCPLOCALIP" >> conns.log\n',
                mode=0o755)
-    s = servers("--proxy-from", "127.0.0.1")
+    s = serve("--proxy-from", "127.0.0.1")
     haproxy(s.port, health=True)
     log = home.root / "conns.log"
     wait_for(lambda: log.exists() and len(log.read_bytes().splitlines()) >= 2, 10,
@@ -273,8 +255,8 @@ def test_a_health_check_keeps_the_balancers_address(home, servers, haproxy, tmp_
     assert not [ln for ln in s.lines() if b"proxy:" in ln]
 
 
-def test_bad_or_missing_headers_close_with_nothing_sent(home, servers):
-    s = servers("--proxy-from", "127.0.0.1/32")
+def test_bad_or_missing_headers_close_with_nothing_sent(home, serve):
+    s = serve("--proxy-from", "127.0.0.1/32")
     # a listed balancer sending an SMTP command instead of a header
     with connect("127.0.0.1", s.port) as c:
         c.sendall(b"EHLO x\r\n")
@@ -294,16 +276,16 @@ def test_bad_or_missing_headers_close_with_nothing_sent(home, servers):
     home.assert_no_new_runs()
 
 
-def test_a_proxy_line_from_anyone_else_is_a_bad_command(home, servers):
-    s = servers("--proxy-from", "127.0.0.1/32")
+def test_a_proxy_line_from_anyone_else_is_a_bad_command(home, serve):
+    s = serve("--proxy-from", "127.0.0.1/32")
     with connect("127.0.0.1", s.port, "127.0.0.2") as c:
         replies = smtp(c, [b"PROXY TCP4 192.0.2.9 127.0.0.1 4000 25\r\n", b"QUIT\r\n"])
     assert replies == [b"220 mx.example.org ESMTP\r\n", b"502 unimplemented (#5.5.1)\r\n",
                        b"221 mx.example.org\r\n"]
 
 
-def test_balancers_are_not_held_to_per_ip_but_their_clients_are(home, servers, haproxy):
-    s = servers("--proxy-from", "127.0.0.1", "--per-ip", "1", "-c", "4")
+def test_balancers_are_not_held_to_per_ip_but_their_clients_are(home, serve, haproxy):
+    s = serve("--proxy-from", "127.0.0.1", "--per-ip", "1", "-c", "4")
     h = haproxy(s.port)
     first = connect("127.0.0.1", h.p2, "127.0.0.2")
     other = connect("127.0.0.1", h.p2, "127.0.0.3")
