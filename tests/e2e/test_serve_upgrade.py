@@ -11,6 +11,8 @@ import time
 
 from .conftest import SRC, wait_for
 from .serve_harness import ServeServer
+from .test_policy_daemons import free_port
+from .test_serve_metrics import scrape, values
 
 THREADS = 4
 PER_THREAD = 60
@@ -51,7 +53,9 @@ def queued_tags(home):
 
 
 def test_upgrades_under_load_lose_and_refuse_nothing(home, tmp_path):
-    s = ServeServer(home, tmp_path / "serve", "-c", "8", "--per-ip", "0")
+    mport = free_port()
+    s = ServeServer(home, tmp_path / "serve", "-c", "8", "--per-ip", "0",
+                    "--metrics", "127.0.0.1:%d" % mport)
     s.start()
     try:
         accepted, errors = [], []
@@ -96,6 +100,9 @@ def test_upgrades_under_load_lose_and_refuse_nothing(home, tmp_path):
         wait_for(lambda: not s.zombies(), 10, "old workers to be reaped")
         assert len(s.children()) <= 8
         assert send_one(s.port, b"after").startswith(b"250 ")
+        # the new image serves metrics on the same port, counting from its start
+        wait_for(lambda: values(scrape("127.0.0.1", mport)).get(
+            "qspp_messages_queued_total", 0) >= 1, 5, "the new image's metrics")
     finally:
         s.stop()
 
