@@ -141,6 +141,8 @@ _SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal
 # arguments and import everything, then exit 0 without binding anything.
 UPGRADE_CHECK = b"QSPP_SERVE_UPGRADE_CHECK"
 UPGRADE_CHECK_TIME = 60.0
+# The old image's workers, for the new one to wait for and signal as its own.
+RETIRED = b"QSPP_SERVE_RETIRED"
 
 
 # ---------------------------------------------------------------------------
@@ -1105,7 +1107,8 @@ class Server:
         self.rules = None
         self.bad_rules = None   # signature of a file already reported as unusable
         self.embedded_queue = None
-        self.workers = {}       # pid -> (slot index, start time)
+        self.workers = {}       # pid -> (slot index, start time, metrics row)
+        self.retired = set()    # workers of the image before an upgrade
         self.slots = Slots(self.limit)
         self.pending = set()
         self.listeners = []
@@ -1272,8 +1275,8 @@ class Server:
         for sig in _SIGNALS:
             signal.signal(sig, self._on_signal)
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
-        # blocked across the exec of an upgrade, until the handler is back
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGUSR2,))
+        # blocked across the exec of an upgrade, until the handlers are back
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
 
     # -- the loop ------------------------------------------------------------
     def run(self) -> int:
@@ -1297,7 +1300,7 @@ class Server:
             if self.rules_path is not None and not self.stopping:
                 timeout = RULES_CHECK if timeout is None else min(timeout, RULES_CHECK)
             if self.stopping:
-                if not self.workers:
+                if not self.workers and not self.retired:
                     log("serve: stopped")
                     return 0
                 until = self.killed + KILL_WAIT if self.killed is not None else self.deadline
@@ -1351,6 +1354,9 @@ class Server:
                 continue
             if pid == 0:
                 return
+            if pid in self.retired:
+                self.retired.discard(pid)
+                continue
             index, started, row = self.workers.pop(pid, (None, None, None))
             if index is None:
                 continue
@@ -1430,9 +1436,12 @@ class Server:
             log("serve: upgrade refused, still serving: %s" % why)
             return
         from . import handover
-        signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGUSR2,))
+        # a SIGTERM during the new image's start would find no handler: it
+        # waits, blocked, for install_signals
+        signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
         self._signal_workers(signal.SIGUSR1)  # finish the session, accept no more
         env = handover.prepare(self.listeners, dict(os.environb))
+        env[RETIRED] = b" ".join(b"%d" % pid for pid in list(self.workers) + list(self.retired))
         log("serve: upgrade: re-executing with %d listening socket%s; %d worker%s finishing"
             % (len(self.listeners), "" if len(self.listeners) == 1 else "s",
                len(self.workers), "" if len(self.workers) == 1 else "s"))
@@ -1464,26 +1473,27 @@ class Server:
                 % (self.grace, busy, "" if busy == 1 else "s"))
 
     def enforce_deadline(self):
-        if not self.workers:
+        if not self.workers and not self.retired:
             return
         now = time.monotonic()
         if self.killed is None and now >= self.deadline:
-            n = len(self.workers)
+            n = len(self.workers) + len(self.retired)
             log("serve: %d session%s still running after %g s: SIGTERM"
                 % (n, "" if n == 1 else "s", self.grace))
             self._signal_workers(signal.SIGTERM)
             self.killed = now
         elif self.killed is not None and now >= self.killed + KILL_WAIT:
             self._signal_workers(signal.SIGKILL)
-            for pid in list(self.workers):
+            for pid in list(self.workers) + list(self.retired):
                 try:
                     os.waitpid(pid, 0)
                 except ChildProcessError:
                     pass
                 self.workers.pop(pid, None)
+            self.retired.clear()
 
     def _signal_workers(self, sig):
-        for pid in self.workers:
+        for pid in list(self.workers) + list(self.retired):
             try:
                 os.kill(pid, sig)
             except ProcessLookupError:
@@ -1637,6 +1647,7 @@ def main(argv=None, environ=None) -> int:
     except handover.HandoverError as e:
         log("serve: cannot take over listening sockets: %s" % e)
         return 111
+    retired = environ.pop(RETIRED, b"").split()
     try:
         home, extra = choose_home(ns, environ)
     except (OSError, SetupError) as e:
@@ -1648,6 +1659,8 @@ def main(argv=None, environ=None) -> int:
     rules_path = os.fsencode(ns.rules) if ns.rules else None
     server = Server(ns, base_environ(environ, home, extra, ns.log), rules_path)
     server.embedded_queue = extra.get(b"QMAILQUEUE")
+    if adopted:  # our own children, from before the exec
+        server.retired = {int(p) for p in retired if p.isdigit()}
     if rules_path is not None:
         try:
             server.load_rules("start")
@@ -1660,6 +1673,7 @@ def main(argv=None, environ=None) -> int:
     except OSError as e:
         log("serve: cannot listen on %s" % e.strerror)
         return 111
+    server.install_signals()
     if adopted:
         log("serve: upgraded: took over %d listening socket%s"
             % (server.taken, "" if server.taken == 1 else "s"))
@@ -1679,7 +1693,6 @@ def main(argv=None, environ=None) -> int:
     # what `qspp check` would say, seen as the sessions' user; serve runs anyway
     diagnose.log_startup(home, server.base_env, rules_path,
                          switched=ns.uid is not None or ns.user is not None)
-    server.install_signals()
     log(b"serve: listening on %s, concurrency %d, per-ip %d, session time %s,"
         b" home %s%s" % (
         b" and ".join(b"%s port %d" % (h.encode(), p) for h, p in names),

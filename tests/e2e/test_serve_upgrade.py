@@ -129,3 +129,26 @@ def test_an_upgrade_that_cannot_start_keeps_serving(home, tmp_path):
         assert s.proc.poll() is None
     finally:
         s.stop()
+
+
+def test_a_session_spans_the_upgrade_and_the_new_image_waits_for_it(home, tmp_path):
+    s = ServeServer(home, tmp_path / "serve", "-c", "2")
+    s.start()
+    try:
+        c = s.connect()
+        assert c.cmd(b"HELO h") == b"250 mx.example.org\r\n"
+        (old,) = s.sessions()
+        os.kill(s.pid, signal.SIGUSR2)
+        s.wait_line(rb"serve: upgraded: took over 1 listening socket", timeout=30)
+        # the old worker is still this process's child, its session going on
+        assert old in s.children()
+        os.kill(s.pid, signal.SIGTERM)
+        time.sleep(0.5)
+        assert s.proc.poll() is None  # waiting for the old image's session too
+        run = c.txn()
+        assert run.E == b"Fa@b\0Tx@example.org\0\0"
+        assert c.cmd(b"QUIT") == b"221 mx.example.org\r\n"
+        assert s.wait(10) == 0
+        assert s.lines()[-1].endswith(b"serve: stopped")
+    finally:
+        s.stop()
