@@ -1521,7 +1521,7 @@ def _listener(host, port, backlog):
         s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
         # `::` takes IPv4 clients too, as the IPv6 tcpserver's socket does;
         # any other IPv6 address only its own
-        any6 = socket.inet_pton(socket.AF_INET6, host) == bytes(16)
+        any6 = socket.inet_pton(socket.AF_INET6, host.split("%", 1)[0]) == bytes(16)
         s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if any6 else 1)
     else:
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
