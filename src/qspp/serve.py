@@ -43,7 +43,7 @@ balancer's own address.  A bad or missing header closes the connection with
 nothing sent and one log line.  Balancers themselves are never held to
 --per-ip.  From any other address a PROXY line is just a bad command.
 
---metrics HOST:PORT: Prometheus text format at any path (/metrics), served
+--metrics HOST:PORT: Prometheus text format at /metrics (and /), served
 by the parent from counts each worker keeps in its own row of shared memory
 (metrics.py): plain stores, no lock, no syscall per event.  The sessions
 count through their SPPLOG journal calls (smtpd.Observer), so nothing new is
