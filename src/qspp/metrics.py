@@ -139,6 +139,89 @@ class NullRecorder:
 NULL = NullRecorder()
 
 
+_ENDS = {"quit": "quit", "eof": "eof", "timeout": "timeout", "write timeout": "timeout"}
+_TLS = {"ok": "ok", "failed": "failed", "unavailable": "refused"}
+_AUTH = {"ok": "ok", "failed": "failed", "refused": "failed", "error": "error",
+         "canceled": "cancelled", "malformed": "error", "encryption-required": "error"}
+
+
+def _source(by: bytes):
+    """(kind, name) of who gave a reply, from the journal's `by`."""
+    if by == b"qmail":
+        return "smtpd", "qmail-smtpd"
+    if by == b"queue":
+        return "queue", "qmail-queue"
+    if by.startswith(b"plugin "):
+        by = by[7:]
+    name = by.decode("utf-8", "backslashreplace")
+    return ("filter" if by.startswith((b"milter", b"policy:")) else "plugin"), name
+
+
+def _code(reply) -> int:
+    head = reply[:3] if reply else b""
+    return int(head) if head.isdigit() else 0
+
+
+class SessionObserver:
+    """What a session tells its SPPLOG journal, counted on a Recorder.
+
+    qspp.smtpd wraps its journal (INNER, None without SPPLOG) in this when
+    `qspp serve --metrics` runs it: every call is passed on, so the log lines
+    are the same with metrics on or off.
+    """
+
+    __slots__ = ("inner", "rec")
+
+    def __init__(self, inner, rec):
+        self.inner = inner
+        self.rec = rec
+
+    def run(self, phase, entry, verdict, exit_status, ms):
+        kind = "filter" if entry.startswith((b"milter:", b"policy:")) else "plugin"
+        self.rec.run_time(kind, entry.decode("utf-8", "backslashreplace"), ms / 1000.0)
+        if self.inner is not None:
+            self.inner.run(phase, entry, verdict, exit_status, ms)
+
+    def _refused(self, reply, by):
+        code = _code(reply)
+        if code >= 400:
+            self.rec.refused(*_source(by), code)
+
+    def mail(self, sender, reply, by):
+        self._refused(reply, by)
+        if self.inner is not None:
+            self.inner.mail(sender, reply, by)
+
+    def rcpt(self, recipient, reply, by):
+        self._refused(reply, by)
+        if self.inner is not None:
+            self.inner.rcpt(recipient, reply, by)
+
+    def message(self, size, reply, by):
+        if _code(reply) == 250:
+            self.rec.count("qspp_messages_queued_total")
+        else:
+            self._refused(reply, by)
+        if self.inner is not None:
+            self.inner.message(size, reply, by)
+
+    def auth(self, mechanism, user, outcome):
+        self.rec.count("qspp_auth_total", _AUTH.get(outcome, "error"))
+        if self.inner is not None:
+            self.inner.auth(mechanism, user, outcome)
+
+    def tls(self, outcome, protocol, cipher, refusal):
+        self.rec.count("qspp_tls_total", _TLS.get(outcome, "failed"))
+        if self.inner is not None:
+            self.inner.tls(outcome, protocol, cipher, refusal)
+
+    def summary(self, settings, helo, end):
+        self.rec.count("qspp_sessions_total",
+                       "dropped" if end.startswith("closed by") else _ENDS.get(end, "error"))
+        if self.inner is not None:
+            self.inner.summary(settings, helo, end)
+
+
 class Metrics:
     """The shared table; create in the serve parent before the first fork.
 

@@ -1,16 +1,19 @@
 """`qspp serve`: qspp's own listener, tcpserver's job done by a warm parent.
 
-    qspp serve [--host IP] [--port N] [--concurrency N] [--rules FILE.cdb]
+    qspp serve [--host IP ...] [--port N] [--concurrency N] [--rules FILE.cdb]
                [--qmailhome DIR] [--localname NAME] [--resolve] [--grace S]
                [--backlog N] [--log text|json|off] [-u UID] [-g GID] [--user NAME]
-               [--per-ip N] [--max-session-time SECONDS] [-- SMTPD-ARGS ...]
+               [--per-ip N] [--max-session-time SECONDS] [--proxy-from CIDR[,CIDR...]]
+               [--metrics HOST:PORT]
+               [-- SMTPD-ARGS ...]
 
 The parent imports everything a session needs once, binds, and forks --concurrency
 worker processes.  Each worker accepts a client itself, runs its session (what
 tcpserver's child plus `python -m qspp.smtpd` would be: the connection on fds 0
-and 1, the environment tcpserver builds (PROTO, TCPLOCALIP, TCPLOCALPORT,
-TCPREMOTEIP, TCPREMOTEPORT, TCPLOCALHOST only with --localname or --resolve,
-TCPREMOTEHOST only with --resolve, never TCPREMOTEINFO), the tcprules
+and 1, the environment Debian's ucspi-tcp-ipv6 tcpserver builds (PROTO,
+TCPLOCALIP, TCPLOCALPORT, TCPREMOTEIP, TCPREMOTEPORT and their TCP6* twins,
+TCPLOCALHOST only with --localname or --resolve, TCPREMOTEHOST only with
+--resolve, never TCPREMOTEINFO; see tcpenv.py), the tcprules
 variables on top, then `qspp.smtpd.run()`), and accepts the next.  Between
 two sessions a worker puts back and checks what a session could change (see
 Worker); after --worker-sessions sessions, or when it cannot prove itself
@@ -27,6 +30,25 @@ closed with nothing sent and one line logged.  --max-session-time: a session's
 whole life (default 1200 s); past it the session ends at its next wait for the
 client, with netqmail's timeout reply.
 
+--host: given more than once, one listener each, every worker accepting on
+all of them (--port 0 picks one free port for them all).  An IPv6 address
+listens on IPv6: `::` is dual-stack (IPv4 clients as ::ffff:a.b.c.d, with
+PROTO=TCP and dotted quads in the TCP* names), any other only on itself.
+
+--proxy-from CIDR[,CIDR...]: the load balancers.  A connection from them must
+start with a PROXY header (v1 or v2) within 5 s, read by the worker; it then
+stands for the client the header names: environment, rules, --resolve,
+--per-ip and log lines.  A v2 LOCAL header (a health check) keeps the
+balancer's own address.  A bad or missing header closes the connection with
+nothing sent and one log line.  Balancers themselves are never held to
+--per-ip.  From any other address a PROXY line is just a bad command.
+
+--metrics HOST:PORT: Prometheus text format at /metrics (and /), served
+by the parent from counts each worker keeps in its own row of shared memory
+(metrics.py): plain stores, no lock, no syscall per event.  The sessions
+count through their SPPLOG journal calls (smtpd.Observer), so nothing new is
+imported or done by a session under tcpserver.
+
 --rules: looked up as `tcpserver -x` does (see tcprules.py); a denied client is
 closed at once with nothing sent.  The cdb is re-read when it changes (tcprules
 renames a new one into place, which tcpserver users rely on: rules take effect
@@ -37,6 +59,16 @@ Signals: SIGTERM (and SIGINT) closes the listener, so new clients are refused,
 and waits up to --grace seconds for running sessions; then they get SIGTERM,
 and SIGKILL 2 s later; the exit status is 0.  A second SIGTERM ends the wait.
 SIGHUP re-reads the rules.
+
+SIGUSR2 upgrades without closing the listeners (handover.py): a trial run of
+the command line as it is now (new code included) must parse the arguments
+and import everything, else the upgrade is logged as refused and nothing
+changes; then the workers are told to finish their session and accept no
+more, and this process re-executes itself (same pid: the supervisor keeps
+it) with its listening sockets open.  The new image adopts them, so clients
+connecting meanwhile wait in the kernel's backlog, never refused.  The old
+workers stay its children and are reaped when their sessions end.  Not
+SO_REUSEPORT: the kernel resets clients queued on a socket that closes.
 
 Home: --qmailhome, else $QMAILHOME, else /var/qmail when control/me exists
 there, else the embedded home ($XDG_DATA_HOME/qspp, ~/.local/share/qspp),
@@ -70,7 +102,7 @@ import socket
 import sys
 import time
 
-from . import diagnose, home as homes, smtpd
+from . import diagnose, home as homes, smtpd, tcpenv
 from .diag import log
 from .tcprules import Rules, RulesError, signature
 
@@ -93,7 +125,10 @@ SPARE_WORKERS = 8
 # Variables tcpserver sets or unsets for every connection: what the parent's
 # own environment holds under these names must not reach a session.
 _PER_CONNECTION = (b"PROTO", b"TCPLOCALIP", b"TCPLOCALPORT", b"TCPLOCALHOST",
-                   b"TCPREMOTEIP", b"TCPREMOTEPORT", b"TCPREMOTEHOST", b"TCPREMOTEINFO")
+                   b"TCPREMOTEIP", b"TCPREMOTEPORT", b"TCPREMOTEHOST", b"TCPREMOTEINFO",
+                   b"TCP6LOCALIP", b"TCP6LOCALPORT", b"TCP6LOCALHOST", b"TCP6REMOTEIP",
+                   b"TCP6REMOTEPORT", b"TCP6REMOTEHOST", b"TCP6REMOTEINFO", b"TCP6INTERFACE")
+PROXY_TIMEOUT = 5.0     # for a balancer's PROXY header (issue 14)
 # Imported by a session only when it needs them; the parent imports them all,
 # once, so a child never pays for an import.  Missing ones (a build without
 # AUTH or TLS) are skipped.
@@ -101,7 +136,13 @@ _WARM_MODULES = ("qspp.received", "qspp.spplog", "qspp.spool", "qspp.auth", "qsp
                  "qspp.maildirqueue", "qspp.queue",
                  "qspp.checkpassword",
                  "json", "ssl", "_socket", "array", "fcntl", "struct")
-_SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+_SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2)
+# Set in the environment of the trial run before an upgrade: parse the
+# arguments and import everything, then exit 0 without binding anything.
+UPGRADE_CHECK = b"QSPP_SERVE_UPGRADE_CHECK"
+UPGRADE_CHECK_TIME = 60.0
+# The old image's workers, for the new one to wait for and signal as its own.
+RETIRED = b"QSPP_SERVE_RETIRED"
 
 
 # ---------------------------------------------------------------------------
@@ -126,6 +167,14 @@ _port = _int_option("not a port number", 0, 65535)
 _id = _int_option("not a numeric id", 0)
 
 
+def _host_port(text):
+    host, sep, port = text.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise argparse.ArgumentTypeError("not HOST:PORT: %r" % text)
+    return host, int(port)
+
+
 def _seconds(text):
     try:
         n = float(text)
@@ -142,8 +191,10 @@ def parser():
         " in one of -c worker processes forked from this one, each serving many sessions"
         " (tcpserver and qmail-smtpd in one).",
         epilog="Arguments after -- are qspp.smtpd's own (HOST CHECKPROGRAM ... turns AUTH on).")
-    p.add_argument("--host", default="127.0.0.1",
-                   help="IPv4 address to listen on, 0 or 0.0.0.0 for all (default 127.0.0.1)")
+    p.add_argument("--host", action="append", metavar="IP",
+                   help="address to listen on, again for more listeners: 0 or 0.0.0.0 for"
+                   " all IPv4, :: for all IPv6 and IPv4, ::1 and others for that one"
+                   " (default 127.0.0.1)")
     p.add_argument("--port", type=_port, default=2525,
                    help="TCP port (default 2525; 0 picks a free one, logged at startup)")
     p.add_argument("-c", "--concurrency", type=_positive, default=40, metavar="N",
@@ -159,6 +210,12 @@ def parser():
     p.add_argument("--worker-sessions", type=_positive, default=Worker.RECYCLE, metavar="N",
                    help="a worker process serves N sessions, then a fresh one takes over"
                    " (default %d)" % Worker.RECYCLE)
+    p.add_argument("--proxy-from", metavar="CIDR[,CIDR...]",
+                   help="load balancers: their connections must start with a PROXY"
+                   " header (v1 or v2), which names the real client")
+    p.add_argument("--metrics", metavar="HOST:PORT", type=_host_port,
+                   help="serve Prometheus metrics over HTTP on HOST:PORT"
+                   " ([::1]:PORT for IPv6)")
     p.add_argument("-x", "--rules", metavar="FILE.cdb",
                    help="tcprules cdb, looked up as tcpserver -x does")
     p.add_argument("--qmailhome", metavar="DIR",
@@ -191,7 +248,15 @@ def parse_args(argv):
     if "--" in argv:
         cut = argv.index("--")
         argv, smtpd_args = argv[:cut], argv[cut + 1:]
-    ns = parser().parse_args(argv)
+    p = parser()
+    ns = p.parse_args(argv)
+    ns.host = ns.host or ["127.0.0.1"]
+    if ns.proxy_from is not None:
+        from .proxyproto import ProxyFrom
+        try:
+            ns.proxy_from = ProxyFrom.parse(ns.proxy_from)
+        except ValueError as e:
+            p.error("argument --proxy-from: %s" % e)
     if ns.per_ip is None:
         ns.per_ip = max(1, min(DEFAULT_PER_IP, ns.concurrency - 1))
     ns.smtpd_args = [os.fsencode(a) for a in smtpd_args]
@@ -417,7 +482,8 @@ def _who(ids) -> bytes:
 def choose_home(ns, environ) -> "tuple[bytes, dict]":
     """(home, variables to set); logs where mail goes for the embedded home."""
     ids = switch_ids(ns)
-    switching = ids is not None and os.geteuid() == 0
+    # after an upgrade the switch has been made already; the home is the same
+    switching = ids is not None and (os.geteuid() == 0 or _switched(ids))
     home, how = homes.find(ns.qmailhome, environ, system=switching)  # as `qspp check` finds it
     if how != homes.EMBEDDED:
         return home, {}
@@ -447,25 +513,16 @@ def choose_home(ns, environ) -> "tuple[bytes, dict]":
 # ---------------------------------------------------------------------------
 # one connection, in a worker
 
-def connection_environ(base: dict, local, remote, localname, resolve) -> dict:
-    """The variables tcpserver would set for this connection, over BASE."""
-    env = dict(base)
-    env[b"PROTO"] = b"TCP"
-    env[b"TCPLOCALIP"] = local[0].encode()
-    env[b"TCPLOCALPORT"] = b"%d" % local[1]
-    env[b"TCPREMOTEIP"] = remote[0].encode()
-    env[b"TCPREMOTEPORT"] = b"%d" % remote[1]
-    if localname is not None:
-        env[b"TCPLOCALHOST"] = localname
-    if resolve:
-        if localname is None:
-            name = _reverse(local[0])
-            if name is not None:
-                env[b"TCPLOCALHOST"] = name
-        name = _reverse(remote[0])
+def resolve_names(env: dict, localname) -> None:
+    """--resolve: TCPREMOTEHOST (and TCPLOCALHOST unless -l) from the DNS,
+    with their TCP6 twins, as tcpserver does without -H."""
+    if localname is None:
+        name = _reverse(env[b"TCPLOCALIP"].decode())
         if name is not None:
-            env[b"TCPREMOTEHOST"] = name
-    return env
+            env[b"TCPLOCALHOST"] = env[b"TCP6LOCALHOST"] = name
+    name = _reverse(env[b"TCPREMOTEIP"].decode())
+    if name is not None:
+        env[b"TCPREMOTEHOST"] = env[b"TCP6REMOTEHOST"] = name
 
 
 def _reverse(ip: str) -> "bytes | None":
@@ -650,6 +707,35 @@ class _EmbeddedQueue:
         return _InProcessQueue(env)
 
 
+class _TimedQueue:
+    """qmail-queue timed from its start to its answer, for --metrics."""
+
+    start_queue = None
+    rec = None
+    __slots__ = ("queue", "t0")
+
+    def __init__(self, queue, t0):
+        self.queue = queue
+        self.t0 = t0
+
+    @classmethod
+    def start(cls, program, env):
+        t0 = time.monotonic()
+        return cls(cls.start_queue(program, env), t0)
+
+    def __getattr__(self, name):
+        return getattr(self.queue, name)
+
+    def write(self, data):
+        self.queue.write(data)
+
+    def finish(self, envelope):
+        try:
+            return self.queue.finish(envelope)
+        finally:
+            _TimedQueue.rec.queue_time(time.monotonic() - self.t0)
+
+
 class _SessionAuthIO(smtpd._AuthIO):
     """AUTH as smtpd does it, with a CRAM-MD5 challenge number unique per session.
 
@@ -683,12 +769,14 @@ class Slots:
         self.n = n
         self.mem = mmap.mmap(-1, n * self.SIZE)  # MAP_SHARED: the workers see one copy
 
+    # a balancer's connection: busy, but counted for no address
+    BALANCER = b"\2" + bytes(16)
+
     @staticmethod
-    def key(ip: str) -> bytes:
-        try:
-            return b"\1" + socket.inet_pton(socket.AF_INET, ip).ljust(16, b"\0")
-        except OSError:
-            return b"\1" + socket.inet_pton(socket.AF_INET6, ip)
+    def key(packed: bytes) -> bytes:
+        """The slot value for a client at PACKED (16 bytes, IPv4 as ::ffff:a.b.c.d,
+        so one client is one key on IPv4 and dual-stack listeners alike)."""
+        return b"\1" + packed
 
     def take(self, i, key) -> int:
         size = self.SIZE
@@ -730,14 +818,16 @@ class Worker:
         self.stopping = False
         self.reload = False
         self.in_rules = False
-        self.remote = None
+        self.client = None      # (ip, port) the session stands for
+        self.ready = None       # epoll on the listeners
 
     def _on_stop(self, signum, frame):
         self.stopping = True
-        try:
-            self.server.listener.close()  # from now on, new clients are refused
-        except OSError:
-            pass
+        for s in self.server.listeners:
+            try:
+                s.close()  # from now on, new clients are refused
+            except OSError:
+                pass
         if self.idle:
             raise _Stop()
 
@@ -753,7 +843,7 @@ class Worker:
         if code is not _READ_WAIT and code is not _WRITE_WAIT:
             _signal.setitimer(_signal.ITIMER_REAL, 0.25)
             return
-        server, remote = self.server, self.remote
+        server, remote = self.server, self.client
         if server.log_mode == "json":
             import json
             log(json.dumps({"event": "serve-session-time", "ip": remote[0], "port": remote[1],
@@ -793,77 +883,139 @@ class Worker:
         if server.embedded_queue is not None:
             _EmbeddedQueue.program = server.embedded_queue
             smtpd.Queue = _EmbeddedQueue
+        if server.metrics is not None:
+            from .metrics import SessionObserver
+            rec = server.rec
+            smtpd.Observer = lambda journal: SessionObserver(journal, rec)
+            _TimedQueue.start_queue = smtpd.Queue.start
+            _TimedQueue.rec = rec
+            smtpd.Queue = _TimedQueue
         self.cwd = os.getcwd()
         self.umask = os.umask(0o022)
         os.umask(self.umask)
         self.null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        # Idle workers wait in epoll, not in accept(): a stop signal may then
+        # end the wait at any moment without losing a client accept() had
+        # already taken (SIGUSR1 at an upgrade comes while clients arrive).
+        # EPOLLEXCLUSIVE wakes one waiter per client, as a blocking accept would.
+        import select
+        self.ready = select.epoll()
+        for s in server.listeners:
+            self.ready.register(s, select.EPOLLIN | select.EPOLLEXCLUSIVE)
         self.fds = _open_fds()
         self.rss = _max_rss_kb()
         served = 0
-        while not self.stopping and served < server.worker_sessions:
-            self.idle = True
-            try:
+        try:
+            while not self.stopping and served < server.worker_sessions:
+                events = self.wait()
                 if self.stopping:
                     break
-                conn, remote = server.listener.accept()
-            except _Stop:
-                break
-            except ConnectionAbortedError:
-                continue
-            except OSError as e:
-                if self.stopping:
-                    break
-                # out of descriptors or memory: the client stays in the backlog
-                log("serve: accept: %s" % e.strerror)
-                time.sleep(0.1)
-                continue
-            finally:
-                self.idle = False
-            served += 1
-            if not self.serve(conn, remote):
-                return 0
+                try:
+                    got = self.accept(events)
+                except OSError as e:
+                    # out of descriptors or memory: the client stays in the backlog
+                    log("serve: accept: %s" % e.strerror)
+                    time.sleep(0.1)
+                    continue
+                if got is None:
+                    continue
+                served += 1
+                if not self.serve(*got):
+                    return 0
+        except _Stop:
+            pass
         return 0
+
+    def wait(self):
+        """The listeners' events; [] when told to stop."""
+        self.idle = True
+        try:
+            if self.stopping:
+                return []
+            return self.ready.poll()
+        except _Stop:
+            return []
+        finally:
+            self.idle = False
+
+    def accept(self, events):
+        """(conn, peer) from a listener with a client; None: another worker
+        took it first."""
+        for fd, _ in events:
+            for s in self.server.listeners:
+                if s.fileno() == fd:
+                    try:
+                        conn, peer = s.accept()
+                    except (BlockingIOError, ConnectionAbortedError):
+                        continue
+                    conn.setblocking(True)
+                    return conn, peer
+        return None
 
     def serve(self, conn, remote) -> bool:
         """One client; False when this worker must not serve another."""
         server = self.server
         slots = server.slots
+        rec = server.rec
         try:
-            n = slots.take(self.index, Slots.key(remote[0]))
+            rec.count("qspp_connections_accepted_total")
+            proxied = server.proxy_from is not None and remote[0] in server.proxy_from
+            if proxied:
+                n = slots.take(self.index, Slots.BALANCER)  # held to no --per-ip
+            else:
+                n = slots.take(self.index, Slots.key(tcpenv.address(conn.family, remote)[0]))
             server.note_busy()
-            if server.per_ip and n > server.per_ip:
+            if not proxied and server.per_ip and n > server.per_ip:
                 conn.close()
+                rec.count("qspp_connections_denied_total", "per_ip")
                 server.log_per_ip(remote, n - 1)
                 return True
-            return self.session(conn, remote)
+            try:
+                env, header = tcpenv.client_environ(
+                    conn, remote, server.proxy_from if proxied else None, PROXY_TIMEOUT,
+                    server.localname)
+            except OSError:
+                conn.close()
+                return True  # the client is already gone (getsockname)
+            except server.proxy_error as e:
+                conn.close()
+                rec.count("qspp_connections_denied_total", "proxy")
+                server.log_proxy(remote, e)
+                return True
+            env = {**server.base_env, **env}
+            client = (env[b"TCPREMOTEIP"].decode(), int(env[b"TCPREMOTEPORT"]))
+            if header is not None and not header.local and server.per_ip:
+                n = slots.take(self.index, Slots.key(tcpenv._as16(header.source)))
+                if n > server.per_ip:
+                    conn.close()
+                    rec.count("qspp_connections_denied_total", "per_ip")
+                    server.log_per_ip(client, n - 1)
+                    return True
+            if server.resolve:
+                resolve_names(env, server.localname)
+            return self.session(conn, env, client)
         finally:
             slots.free(self.index)
 
-    def session(self, conn, remote) -> bool:
+    def session(self, conn, env, client) -> bool:
         server = self.server
-        try:
-            local = conn.getsockname()
-        except OSError:
-            conn.close()
-            return True  # the client is already gone
-        env = connection_environ(server.base_env, local, remote, server.localname,
-                                 server.resolve)
         if server.rules_path is not None:
             self.in_rules = True
             try:
                 if self.reload or server.rules_changed():
                     self.reload_rules()
-                rule = server.lookup(env, remote)
+                rule = server.lookup(env, client)
             finally:
                 self.in_rules = False
             if rule is False:
                 conn.close()
+                server.rec.count("qspp_connections_denied_total", "rules")
                 return True
             if rule is not None:
                 rule.apply(env)
         clean = True
         try:
-            self.remote = remote
+            self.client = client
             if server.session_time:
                 _signal.setitimer(_signal.ITIMER_REAL, server.session_time)
             fd = conn.detach()
@@ -914,10 +1066,19 @@ class Server:
         self.rules = None
         self.bad_rules = None   # signature of a file already reported as unusable
         self.embedded_queue = None
-        self.workers = {}       # pid -> (slot index, start time)
+        self.workers = {}       # pid -> (slot index, start time, metrics row)
+        self.retired = set()    # workers of the image before an upgrade
         self.slots = Slots(self.limit)
         self.pending = set()
-        self.listener = None
+        self.listeners = []
+        self.proxy_from = ns.proxy_from
+        self.proxy_error = _NeverRaised
+        if ns.proxy_from is not None:
+            from .proxyproto import ProxyError
+            self.proxy_error = ProxyError
+        self.rec = _NO_METRICS
+        self.metrics = None     # metrics.Metrics with --metrics
+        self.exporter = None
         self.sel = None
         self.spare = min(self.limit, SPARE_WORKERS)
         self.free_slots = list(range(self.limit - 1, -1, -1))  # indexes no worker holds
@@ -927,14 +1088,40 @@ class Server:
         self.killed = None      # when the stragglers got SIGTERM
 
     # -- setup ---------------------------------------------------------------
-    def listen(self, host, port, backlog):
-        host = "0.0.0.0" if host in ("", "0") else host
-        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind((host, port))
-        s.listen(backlog)
-        self.listener = s
-        return s.getsockname()
+    def listen(self, hosts, port, backlog, adopted=()):
+        """One listener per host, all on one port (port 0: the first one's).
+
+        ADOPTED: sockets handed over by the image before an upgrade; one bound
+        to a host and port asked for is used as it is, the others are closed.
+        [(host, port)] as bound; OSError names the host that failed.
+        """
+        from .handover import find
+        names = []
+        adopted = list(adopted)
+        self.taken = 0
+        for host in hosts:
+            host = "0.0.0.0" if host in ("", "0") else host
+            s = find(adopted, host, port)
+            if s is not None:
+                adopted.remove(s)
+                self.listeners.append(s)
+                self.taken += 1
+                port = s.getsockname()[1]
+                names.append((host, port))
+                continue
+            try:
+                s = _listener(host, port, backlog)
+            except (OSError, OverflowError) as e:
+                raise OSError(getattr(e, "errno", None), "%s port %d: %s" % (
+                    host, port, getattr(e, "strerror", None) or e)) from None
+            self.listeners.append(s)
+            port = s.getsockname()[1]
+            names.append((host, port))
+        for s in adopted:
+            s.close()  # a --host no longer asked for
+        for s in self.listeners:
+            s.setblocking(False)  # workers wait in epoll; one wins each client
+        return names
 
     def load_rules(self, why):
         """(Re)load the rules; on failure keep the old ones and say so once.
@@ -972,11 +1159,14 @@ class Server:
         return sig != self.rules.signature and sig != self.bad_rules
 
     def lookup(self, env, remote):
-        """The client's rule: a Rule, None (no rule), or False (closed: denied or unreadable)."""
+        """The client's rule: a Rule, None (no rule), or False (closed: denied or unreadable).
+
+        REMOTE: the client's (ip, port), the PROXY header's when there is one.
+        """
         rules = self.rules
         ip = env[b"TCPREMOTEIP"]
         try:
-            rule = rules.lookup(ip, env.get(b"TCPREMOTEHOST"))
+            rule = rules.lookup(ip, env.get(b"TCPREMOTEHOST"), ipv6=True)
         except OSError as e:
             log(b"serve: unable to read %s: %s: dropped %s port %d" % (
                 os.fsencode(rules.path), (e.strerror or str(e)).encode(), ip, remote[1]))
@@ -1007,7 +1197,18 @@ class Server:
             log("serve: per-ip limit: closed %s port %d (%d sessions from it)"
                 % (remote[0], remote[1], n))
 
+    def log_proxy(self, peer, error):
+        """A balancer's connection without a valid PROXY header was closed."""
+        if self.log_mode == "json":
+            import json
+            log(json.dumps({"event": "serve-proxy", "ip": peer[0], "port": peer[1],
+                            "error": str(error)}, separators=(",", ":")))
+        elif self.log_mode == "text":
+            log("serve: proxy: closed %s port %d: %s" % (peer[0], peer[1], error))
+
     def close_in_worker(self):
+        if self.exporter is not None:
+            self.exporter.close_in_child()
         self.sel.close()
         os.close(self.wake_r)
         os.close(self.wake_w)
@@ -1033,12 +1234,20 @@ class Server:
         for sig in _SIGNALS:
             signal.signal(sig, self._on_signal)
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        # blocked across the exec of an upgrade, until the handlers are back
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
 
     # -- the loop ------------------------------------------------------------
     def run(self) -> int:
         self.sel = selectors.DefaultSelector()
         self.sel.register(self.wake_r, selectors.EVENT_READ)
         self.sel.register(self.note_r, selectors.EVENT_READ)
+        exp = self.exporter
+        if exp is not None:
+            exp.register(self.sel)
+        # after an upgrade: old workers that ended before our SIGCHLD handler was
+        # in place sent their signal to nobody
+        self.reap()
         # what the parent has now is shared, unchanged, by every worker
         gc.freeze()
         self.top_up()
@@ -1050,18 +1259,27 @@ class Server:
             if self.rules_path is not None and not self.stopping:
                 timeout = RULES_CHECK if timeout is None else min(timeout, RULES_CHECK)
             if self.stopping:
-                if not self.workers:
+                if not self.workers and not self.retired:
                     log("serve: stopped")
                     return 0
                 until = self.killed + KILL_WAIT if self.killed is not None else self.deadline
                 left = max(0.0, until - now)
                 timeout = left if timeout is None else min(timeout, left)
-            for key, _ in self.sel.select(timeout):
+            if exp is not None:
+                t = exp.timeout()
+                if t is not None:
+                    timeout = t if timeout is None else min(timeout, t)
+            for key, events in self.sel.select(timeout):
+                if exp is not None and exp.owns(key):
+                    exp.ready(key, events)
+                    continue
                 try:
                     while os.read(key.fd, 512):
                         pass
                 except BlockingIOError:
                     pass
+            if exp is not None:
+                exp.expire()
             self.handle_signals()
             if self.stopping:
                 self.enforce_deadline()
@@ -1076,6 +1294,9 @@ class Server:
             self.reap()
         if signal.SIGHUP in sigs and self.rules_path is not None and not self.stopping:
             self.load_rules("SIGHUP")
+        if signal.SIGUSR2 in sigs and not self.stopping and not sigs & {
+                signal.SIGTERM, signal.SIGINT}:
+            self.upgrade()
         if sigs & {signal.SIGTERM, signal.SIGINT}:
             if self.stopping:
                 self.deadline = time.monotonic()  # asked again: no more waiting
@@ -1092,9 +1313,16 @@ class Server:
                 continue
             if pid == 0:
                 return
-            index, started = self.workers.pop(pid, (None, None))
+            if pid in self.retired:
+                self.retired.discard(pid)
+                continue
+            index, started, row = self.workers.pop(pid, (None, None, None))
             if index is None:
                 continue
+            if self.metrics is not None:
+                if os.WIFSIGNALED(status) and self.slots.mem[index * Slots.SIZE]:
+                    self.rec.count("qspp_sessions_total", "killed")
+                self.metrics.release(row)
             self.slots.free(index)
             self.free_slots.append(index)
             if self.stopping:
@@ -1118,6 +1346,7 @@ class Server:
 
     def start_worker(self) -> bool:
         index = self.free_slots.pop()
+        row = self.metrics.claim() if self.metrics is not None else None
         signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS + (signal.SIGUSR1,))
         try:
             pid = os.fork()
@@ -1125,11 +1354,15 @@ class Server:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS + (signal.SIGUSR1,))
             log("serve: fork: %s" % e.strerror)
             self.free_slots.append(index)
+            if row is not None:
+                self.metrics.free.append(row)
             self.resume_at = time.monotonic() + 0.5
             return False
         if pid == 0:
             status = 1
             try:
+                if self.metrics is not None:
+                    self.rec = self.metrics.recorder(row)
                 status = Worker(self, index).run()
             except BaseException as e:  # noqa: B902 - nothing may return into the parent's loop
                 try:
@@ -1139,13 +1372,50 @@ class Server:
                 status = 1
             finally:
                 os._exit(status)
-        self.workers[pid] = (index, time.monotonic())
+        self.workers[pid] = (index, time.monotonic(), row)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS + (signal.SIGUSR1,))
         return True
 
+    def start_metrics(self, host, port):
+        """The shared table and the parent's HTTP listener, before any fork."""
+        from . import metrics
+        # row 0 is the parent's; a worker reaped frees its row for the next
+        self.metrics = metrics.Metrics(rows=self.limit + 1)
+        self.rec = self.metrics.parent
+        self.exporter = metrics.Exporter(
+            metrics.listen(host, port),
+            lambda: self.metrics.render(active=self.slots.busy()))
+        return self.exporter.listener.getsockname()
+
+    def upgrade(self):
+        """SIGUSR2: re-execute this command line in this process, listeners kept."""
+        argv = _command_line()
+        why = _trial_run(argv)
+        if why is not None:
+            log("serve: upgrade refused, still serving: %s" % why)
+            return
+        from . import handover
+        # a SIGTERM during the new image's start would find no handler: it
+        # waits, blocked, for install_signals
+        signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+        self._signal_workers(signal.SIGUSR1)  # finish the session, accept no more
+        env = handover.prepare(self.listeners, dict(os.environb))
+        env[RETIRED] = b" ".join(b"%d" % pid for pid in list(self.workers) + list(self.retired))
+        log("serve: upgrade: re-executing with %d listening socket%s; %d worker%s finishing"
+            % (len(self.listeners), "" if len(self.listeners) == 1 else "s",
+               len(self.workers), "" if len(self.workers) == 1 else "s"))
+        try:
+            os.execve(sys.executable, argv, env)
+        except OSError as e:
+            # the descriptors have been moved for the new image: this one
+            # cannot go on; the supervisor starts a fresh one
+            log("serve: upgrade: cannot execute %s: %s" % (sys.executable, e.strerror))
+            os._exit(111)
+
     def stop_accepting(self):
         self.stopping = True
-        self.listener.close()
+        for s in self.listeners:
+            s.close()
         self._signal_workers(signal.SIGUSR1)  # idle ones end, busy ones after their session
         self.deadline = time.monotonic() + self.grace
         # the listener is gone only when every idle worker has closed its copy:
@@ -1162,26 +1432,27 @@ class Server:
                 % (self.grace, busy, "" if busy == 1 else "s"))
 
     def enforce_deadline(self):
-        if not self.workers:
+        if not self.workers and not self.retired:
             return
         now = time.monotonic()
         if self.killed is None and now >= self.deadline:
-            n = len(self.workers)
+            n = len(self.workers) + len(self.retired)
             log("serve: %d session%s still running after %g s: SIGTERM"
                 % (n, "" if n == 1 else "s", self.grace))
             self._signal_workers(signal.SIGTERM)
             self.killed = now
         elif self.killed is not None and now >= self.killed + KILL_WAIT:
             self._signal_workers(signal.SIGKILL)
-            for pid in list(self.workers):
+            for pid in list(self.workers) + list(self.retired):
                 try:
                     os.waitpid(pid, 0)
                 except ChildProcessError:
                     pass
                 self.workers.pop(pid, None)
+            self.retired.clear()
 
     def _signal_workers(self, sig):
-        for pid in self.workers:
+        for pid in list(self.workers) + list(self.retired):
             try:
                 os.kill(pid, sig)
             except ProcessLookupError:
@@ -1189,6 +1460,71 @@ class Server:
 
 
 # ---------------------------------------------------------------------------
+
+class _NeverRaised(Exception):
+    """Stands for proxyproto.ProxyError when there is no --proxy-from."""
+
+
+class _NoMetrics:
+    """The recorder without --metrics: every call does nothing."""
+
+    def count(self, name, value=""):
+        pass
+
+
+_NO_METRICS = _NoMetrics()
+
+
+def _listener(host, port, backlog):
+    if ":" in host:
+        s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        # `::` takes IPv4 clients too, as the IPv6 tcpserver's socket does;
+        # any other IPv6 address only its own
+        any6 = socket.inet_pton(socket.AF_INET6, host.split("%", 1)[0]) == bytes(16)
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if any6 else 1)
+    else:
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((host, port))
+        s.listen(backlog)
+    except BaseException:
+        s.close()
+        raise
+    return s
+
+
+# what a trial run must import besides _WARM_MODULES: the code serve itself runs
+_UPGRADE_MODULES = ("qspp.serve", "qspp.smtpd", "qspp.session", "qspp.handover",
+                    "qspp.tcpenv", "qspp.tcprules")
+
+
+def _command_line() -> "list[bytes]":
+    """This process's argv as the kernel has it (interpreter options and all)."""
+    with open("/proc/self/cmdline", "rb") as f:
+        return f.read().rstrip(b"\0").split(b"\0")
+
+
+def _trial_run(argv) -> "str | None":
+    """Run the command line as a trial (UPGRADE_CHECK): None when it passes,
+    else why not."""
+    import subprocess
+    env = dict(os.environb)
+    env[UPGRADE_CHECK] = b"1"
+    try:
+        p = subprocess.run(argv, executable=sys.executable, env=env,
+                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, timeout=UPGRADE_CHECK_TIME)
+    except subprocess.TimeoutExpired:
+        return "the trial run of the new code took over %g s" % UPGRADE_CHECK_TIME
+    except OSError as e:
+        return "cannot run %s: %s" % (sys.executable, e.strerror)
+    if p.returncode != 0:
+        lines = p.stderr.decode("utf-8", "replace").strip().splitlines()
+        return "the trial run of the new code exited %d%s" % (
+            p.returncode, (": " + lines[-1]) if lines else "")
+    return None
+
 
 def _warm_up():
     import importlib
@@ -1212,6 +1548,16 @@ def _ensure_std_fds():
                 os.close(null)
 
 
+def _switched(ids) -> bool:
+    """Already running as the user and group asked for, without root (the
+    image after an upgrade of a serve that switched users)."""
+    if ids is None or os.geteuid() == 0:
+        return False
+    uid, gid, _ = ids
+    return (uid is None or (os.getuid(), os.geteuid()) == (uid, uid)) and (
+        gid is None or (os.getgid(), os.getegid(), os.getgroups()) == (gid, gid, [gid]))
+
+
 def drop_privileges(ns) -> None:
     """tcpserver's prot_gid then prot_uid: the group list becomes the one gid."""
     try:
@@ -1221,6 +1567,8 @@ def drop_privileges(ns) -> None:
     if ids is None:
         return
     uid, gid, _ = ids
+    if _switched(ids):
+        return  # re-executed by an upgrade: done before the exec
     if gid is not None:
         os.setgroups([gid])
         os.setgid(gid)
@@ -1245,7 +1593,20 @@ def main(argv=None, environ=None) -> int:
     if environ is None:
         environ = os.environb
     ns = parse_args(argv)
+    if environ.get(UPGRADE_CHECK) == b"1":
+        _warm_up()
+        import importlib
+        for name in _UPGRADE_MODULES:
+            importlib.import_module(name)  # an ImportError fails the trial
+        return 0
     _ensure_std_fds()
+    from . import handover
+    try:
+        adopted = handover.adopt(environ)  # before anything copies the environment
+    except handover.HandoverError as e:
+        log("serve: cannot take over listening sockets: %s" % e)
+        return 111
+    retired = environ.pop(RETIRED, b"").split()
     try:
         home, extra = choose_home(ns, environ)
     except OSError as e:
@@ -1261,6 +1622,8 @@ def main(argv=None, environ=None) -> int:
     rules_path = os.fsencode(ns.rules) if ns.rules else None
     server = Server(ns, base_environ(environ, home, extra, ns.log), rules_path)
     server.embedded_queue = extra.get(b"QMAILQUEUE")
+    if adopted:  # our own children, from before the exec
+        server.retired = {int(p) for p in retired if p.isdigit()}
     if rules_path is not None:
         try:
             server.load_rules("start")
@@ -1269,11 +1632,22 @@ def main(argv=None, environ=None) -> int:
             return 111
     _warm_up()
     try:
-        local = server.listen(ns.host, ns.port, ns.backlog)
-    except (OSError, OverflowError) as e:
-        log("serve: cannot listen on %s port %d: %s"
-            % (ns.host, ns.port, getattr(e, "strerror", None) or e))
+        names = server.listen(ns.host, ns.port, ns.backlog, adopted)
+    except OSError as e:
+        log("serve: cannot listen on %s" % e.strerror)
         return 111
+    server.install_signals()
+    if adopted:
+        log("serve: upgraded: took over %d listening socket%s"
+            % (server.taken, "" if server.taken == 1 else "s"))
+    metrics_at = None
+    if ns.metrics is not None:
+        try:
+            metrics_at = server.start_metrics(*ns.metrics)
+        except (OSError, OverflowError) as e:
+            log("serve: cannot listen for metrics on %s port %d: %s"
+                % (ns.metrics[0], ns.metrics[1], getattr(e, "strerror", None) or e))
+            return 111
     try:
         drop_privileges(ns)
     except OSError as e:
@@ -1282,12 +1656,14 @@ def main(argv=None, environ=None) -> int:
     # what `qspp check` would say, seen as the sessions' user; serve runs anyway
     diagnose.log_startup(home, server.base_env, rules_path,
                          switched=ns.uid is not None or ns.user is not None)
-    server.install_signals()
-    log(b"serve: listening on %s port %d, concurrency %d, per-ip %d, session time %s,"
+    log(b"serve: listening on %s, concurrency %d, per-ip %d, session time %s,"
         b" home %s%s" % (
-        local[0].encode(), local[1], ns.concurrency, ns.per_ip,
+        b" and ".join(b"%s port %d" % (h.encode(), p) for h, p in names),
+        ns.concurrency, ns.per_ip,
         b"%gs" % ns.max_session_time if ns.max_session_time else b"unlimited", home,
         b", rules " + rules_path if rules_path else b""))
+    if metrics_at is not None:
+        log("serve: metrics on %s port %d" % metrics_at[:2])
     return server.run()
 
 

@@ -244,6 +244,11 @@ def _milters(settings, env):
     return milter.Milters(specs, settings, env) if specs else None
 
 
+# `qspp serve --metrics` sets a class that wraps the journal (None without
+# SPPLOG) and counts what it is told; under tcpserver it stays None.
+Observer = None
+
+
 def run(argv, environ) -> int:
     """One connection, fds 0/1; returns the exit status (spec §2.5)."""
     home = environ.get(b"QMAILHOME") or b"/var/qmail"
@@ -281,6 +286,8 @@ def run(argv, environ) -> int:
     if env.get(b"SPPLOG"):
         from .spplog import Journal
         journal = Journal(env[b"SPPLOG"])
+    if Observer is not None:
+        journal = Observer(journal)
     engine = spp.SppEngine(config, env, timeout, run_entry, journal)
 
     def start_queue(env):

@@ -18,7 +18,7 @@ import time
 
 from .conftest import GREETING, PYTHON, Client, wait_for
 
-LISTENING_RE = re.compile(rb"qspp: pid (\d+): serve: listening on 127\.0\.0\.1 port (\d+),")
+LISTENING_RE = re.compile(rb"qspp: pid (\d+): serve: listening on (\S+) port (\d+)[, ]")
 
 
 class ServeServer:
@@ -40,7 +40,9 @@ class ServeServer:
         return self.proc.pid
 
     def command(self):
-        cmd = [self.python, "-m", "qspp", "serve", "--host", "127.0.0.1", "--port", "0"]
+        cmd = [self.python, "-m", "qspp", "serve", "--port", "0"]
+        if "--host" not in self.args:
+            cmd += ["--host", "127.0.0.1"]
         if self.qmailhome:
             cmd += ["--qmailhome", str(self.home.root)]
         smtpd_args = []
@@ -75,7 +77,8 @@ class ServeServer:
             return None
         m = wait_for(listening, timeout, "qspp serve to listen")
         assert int(m.group(1)) == self.proc.pid
-        self.port = int(m.group(2))
+        self.host = m.group(2).decode()
+        self.port = int(m.group(3))
         # serve ran the queue program once at its start, as an aborted message
         # (diagnose.probe_queue): that run is none of the test's, so its
         # recorder files go (it has finished: serve waited for it)

@@ -138,15 +138,18 @@ def test_run_files_are_executable_sh():
 
 
 def test_runit_files_match_daemontools():
-    # the tcpserver run file is the same file for both; serve differs in a
-    # comment only (it drops privileges itself); the loggers are each system's own
+    # the tcpserver run file is the same file for both; serve differs in
+    # comments only (it drops privileges itself; the upgrade command); the loggers are each system's own
     dt, ru = SCRIPTS / "daemontools", SCRIPTS / "runit"
     assert (ru / "qspp-smtpd/run").read_bytes() == (dt / "qspp-smtpd/run").read_bytes()
     a = (dt / "qspp-serve/run").read_text().splitlines()
     b = (ru / "qspp-serve/run").read_text().splitlines()
     assert [(x, y) for x, y in zip(a, b) if x != y] == [
         ("# supervise runs this from the service directory.",
-         "# runsv runs this from the service directory (runit).")]
+         "# runsv runs this from the service directory (runit)."),
+        ("#   svc -2 /service/qspp-serve", "#   sv 2 qspp-serve"),
+        ("# which supervise keeps supervising, with its listening socket open: clients",
+         "# which runsv keeps supervising, with its listening socket open: clients")]
     assert len(a) == len(b)
     for svc in ("qspp-smtpd", "qspp-serve"):
         assert (dt / svc / "log/run").read_text().splitlines()[-1] == (
@@ -378,7 +381,7 @@ def test_systemd_units_key_lines():
         "--log", "text"]
     assert (serve["User"], serve["AmbientCapabilities"], serve["KillMode"]) == (
         "qmaild", "CAP_NET_BIND_SERVICE", "mixed")
-    assert serve["ExecReload"] == "/bin/kill -HUP $MAINPID"
+    assert serve["ExecReload"] == "/bin/kill -USR2 $MAINPID"
     assert "NoNewPrivileges" not in serve
     assert unit("qspp-serve.service")["Install"] == [("WantedBy", "multi-user.target")]
     assert unit("qspp-smtpd.socket")["Install"] == [("WantedBy", "sockets.target")]

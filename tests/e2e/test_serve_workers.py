@@ -33,7 +33,7 @@ PLUGINS = (
     ':echo "HX-Rcpt: $SMTPRCPTTO ${SMTPAUTHUSER-noauth} ${RELAYCLIENT-norelay}'
     ' ${RULEVAR-none} ${DIRTY-clean} ${PYTHONPATH:+pythonpath}"\n'
 )
-ENV_PER_CONNECTION = (b"TCPREMOTEPORT",)
+ENV_PER_CONNECTION = (b"TCPREMOTEPORT", b"TCP6REMOTEPORT")
 
 
 def _status(pid):
@@ -56,8 +56,8 @@ def _idle_state(pid):
     """The worker's state once it waits in accept()."""
     def waiting():
         with open("/proc/%d/wchan" % pid) as f:
-            return "accept" in f.read()
-    wait_for(waiting, 5, "worker %d to wait in accept()" % pid)
+            return f.read() in ("ep_poll", "do_epoll_wait")  # idle: waiting for a client
+    wait_for(waiting, 5, "worker %d to wait for a client" % pid)
     return _worker_state(pid)
 
 
