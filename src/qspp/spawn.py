@@ -126,14 +126,16 @@ class _Libc:
         last = self.last_env
         if last is not None and last[0] == env:
             return last[1]
-        envp = []
-        for k, v in env.items():
-            if not k or b"=" in k[1:]:
-                raise ValueError("illegal environment variable name")
-            e = k + b"=" + v
-            if b"\0" in e:
-                raise ValueError("embedded null byte")
-            envp.append(e)
+        envp = [k + b"=" + v for k, v in env.items()]
+        # checked in bulk, name by name only when some name has a `=`
+        if b"" in env:
+            raise ValueError("illegal environment variable name")
+        if b"=" in b"".join(env):
+            for k in env:
+                if b"=" in k[1:]:
+                    raise ValueError("illegal environment variable name")
+        if b"\0" in b"".join(envp):
+            raise ValueError("embedded null byte")
         envp_c = self.strings(envp)
         self.last_env = (dict(env), envp_c)
         return envp_c
