@@ -97,7 +97,7 @@ class _Libc:
         self.attr = array(c_ulong, 2048 * 8 // word)
         self.actions = array(c_ulong, 1024 * 8 // word)
         self.pointers = {}  # argv/envp array types by length
-        self.last_env = None  # (copy of the env dict, its envp array)
+        self.last_env = None  # (the env's items in order, their envp array)
         self.argvs = {}  # argv arrays by argv
         self.fas = {}  # file actions objects by action list
         self.attrs = {}  # spawn attributes by (pgroup, keep_sigpipe)
@@ -122,11 +122,13 @@ class _Libc:
     def _envp(self, env):
         # Every plugin of a command and the queue run with the same environment
         # most of the time: the C array of the last one is reused while the
-        # dict compares equal (a C-level compare, far cheaper than rebuilding).
+        # items compare equal (a C-level compare, far cheaper than rebuilding).
+        # Items, not the dict, are compared: the child sees them in order.
+        items = list(env.items())
         last = self.last_env
-        if last is not None and last[0] == env:
+        if last is not None and last[0] == items:
             return last[1]
-        envp = [k + b"=" + v for k, v in env.items()]
+        envp = [k + b"=" + v for k, v in items]
         # checked in bulk, name by name only when some name has a `=`
         if b"" in env:
             raise ValueError("illegal environment variable name")
@@ -137,7 +139,7 @@ class _Libc:
         if b"\0" in b"".join(envp):
             raise ValueError("embedded null byte")
         envp_c = self.strings(envp)
-        self.last_env = (dict(env), envp_c)
+        self.last_env = (items, envp_c)
         return envp_c
 
     def _argv(self, argv):
