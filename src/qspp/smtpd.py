@@ -14,7 +14,7 @@ import sys
 import time
 
 import _signal
-from select import select
+from select import poll, POLLIN, POLLOUT
 
 from . import control, replies, spp, sppconfig, startup
 from .diag import log
@@ -23,6 +23,8 @@ from .session import COMMAND, DATA, CLOSED, MAX_COMMAND, Fatal, Session
 from .spprun import run_entry, cloexec_inherited_fds
 
 READ_SIZE = 131072
+# poll() takes a C int of milliseconds; a longer timeoutsmtpd waits in steps
+_MAX_POLL_MS = 2000000000
 
 
 class _Exit(Exception):
@@ -49,20 +51,34 @@ class Connection:
         self.rfd = rfd
         self.wfd = wfd
         self.channel = None
+        # poll objects registered once: cheaper per wait than select()
+        self._timeout_ms = max(0, int(timeout * 1000))
+        self._readable = poll()
+        self._readable.register(rfd, POLLIN)
+        self._writable = poll()
+        self._writable.register(wfd, POLLOUT)
 
+    # The waits stay inline in these two: serve's session-time alarm looks for
+    # their frames to tell a session waiting for its client.
     def _raw_write(self, data) -> None:
         view = memoryview(data)
         try:
             while view:
-                if not select((), (self.wfd,), (), self.timeout)[1]:
-                    raise _Exit(1, "write timeout")  # silently, spec §7
+                ms = self._timeout_ms
+                while not self._writable.poll(min(ms, _MAX_POLL_MS)):
+                    ms -= _MAX_POLL_MS
+                    if ms <= 0:
+                        raise _Exit(1, "write timeout")  # silently, spec §7
                 view = view[posix.write(self.wfd, view):]
         except OSError:
             raise _Exit(1, "write error")
 
     def _raw_read(self) -> bytes:
-        if not select((self.rfd,), (), (), self.timeout)[0]:
-            raise _Timeout()
+        ms = self._timeout_ms
+        while not self._readable.poll(min(ms, _MAX_POLL_MS)):
+            ms -= _MAX_POLL_MS
+            if ms <= 0:
+                raise _Timeout()
         return posix.read(self.rfd, READ_SIZE)
 
     def flush(self) -> None:

@@ -41,6 +41,9 @@ _SETPGROUP = 0x02
 _SETSIGDEF = 0x04
 _SETSIGMASK = 0x08
 
+# how many argv arrays and file action lists are kept: a session uses a handful
+_CACHE_MAX = 32
+
 _libc = None  # a _Libc once loaded; False when it cannot be
 
 
@@ -94,6 +97,10 @@ class _Libc:
         self.attr = array(c_ulong, 2048 * 8 // word)
         self.actions = array(c_ulong, 1024 * 8 // word)
         self.pointers = {}  # argv/envp array types by length
+        self.last_env = None  # (the env's items in order, their envp array)
+        self.argvs = {}  # argv arrays by argv
+        self.fas = {}  # file actions objects by action list
+        self.attrs = {}  # spawn attributes by (pgroup, keep_sigpipe)
 
         def signals(keep_ignored):
             s = self.sigset()
@@ -112,30 +119,55 @@ class _Libc:
             kind = self.pointers[n] = self.array(self.c_char_p, n + 1)
         return kind(*items)  # the last stays NULL
 
-    def spawn(self, path, argv, env, file_actions, pgroup, keep_sigpipe, search):
-        for s in argv:
-            if b"\0" in s:
-                raise ValueError("embedded null byte")
-        if b"\0" in path:
+    def _envp(self, env):
+        # Every plugin of a command and the queue run with the same environment
+        # most of the time: the C array of the last one is reused while the
+        # items compare equal (a C-level compare, far cheaper than rebuilding).
+        # Items, not the dict, are compared: the child sees them in order.
+        items = list(env.items())
+        last = self.last_env
+        if last is not None and last[0] == items:
+            return last[1]
+        envp = [k + b"=" + v for k, v in items]
+        # checked in bulk, name by name only when some name has a `=`
+        if b"" in env:
+            raise ValueError("illegal environment variable name")
+        if b"=" in b"".join(env):
+            for k in env:
+                if b"=" in k[1:]:
+                    raise ValueError("illegal environment variable name")
+        if b"\0" in b"".join(envp):
             raise ValueError("embedded null byte")
-        envp = []
-        for k, v in env.items():
-            if not k or b"=" in k[1:]:
-                raise ValueError("illegal environment variable name")
-            e = k + b"=" + v
-            if b"\0" in e:
-                raise ValueError("embedded null byte")
-            envp.append(e)
-        argv_c = self.strings(argv)
         envp_c = self.strings(envp)
+        self.last_env = (items, envp_c)
+        return envp_c
+
+    def _argv(self, argv):
+        key = tuple(argv)
+        argv_c = self.argvs.get(key)
+        if argv_c is None:
+            for s in key:
+                if b"\0" in s:
+                    raise ValueError("embedded null byte")
+            if len(self.argvs) >= _CACHE_MAX:
+                self.argvs.clear()
+            argv_c = self.argvs[key] = self.strings(key)
+        return argv_c
+
+    def _actions(self, file_actions):
+        # The same few action lists recur (the pipe's write end usually gets
+        # the same fd number), so their glibc objects are built once and kept.
+        key = tuple(file_actions)
+        fa = self.fas.get(key)
+        if fa is not None:
+            return fa
         fa = self.actions()
-        attr = self.attr()
         byref = self.byref
         err = self.posix_spawn_file_actions_init(byref(fa))
         if err:
             raise OSError(err, posix.strerror(err))
         try:
-            for action in file_actions:
+            for action in key:
                 if action[0] == DUP2:
                     err = self.posix_spawn_file_actions_adddup2(byref(fa), action[1], action[2])
                 elif action[0] == OPEN:
@@ -147,25 +179,48 @@ class _Libc:
                     raise ValueError("unknown file action")
                 if err:
                     raise OSError(err, posix.strerror(err))
-            err = self.posix_spawnattr_init(byref(attr))
-            if err:
-                raise OSError(err, posix.strerror(err))
-            try:
-                flags = _SETSIGDEF | _SETSIGMASK
-                if pgroup:
-                    flags |= _SETPGROUP
-                    self.posix_spawnattr_setpgroup(byref(attr), 0)
-                self.posix_spawnattr_setflags(byref(attr), self.c_short(flags))
-                self.posix_spawnattr_setsigdefault(
-                    byref(attr), byref(self.default_but_pipe if keep_sigpipe else self.default_all))
-                self.posix_spawnattr_setsigmask(byref(attr), byref(self.empty))
-                pid = self.c_int()
-                call = self.posix_spawnp if search else self.posix_spawn
-                err = call(byref(pid), path, byref(fa), byref(attr), argv_c, envp_c)
-            finally:
-                self.posix_spawnattr_destroy(byref(attr))
-        finally:
+        except BaseException:
             self.posix_spawn_file_actions_destroy(byref(fa))
+            raise
+        if len(self.fas) >= _CACHE_MAX:
+            for old in self.fas.values():
+                self.posix_spawn_file_actions_destroy(byref(old))
+            self.fas.clear()
+        self.fas[key] = fa
+        return fa
+
+    def _attr(self, pgroup, keep_sigpipe):
+        key = (bool(pgroup), bool(keep_sigpipe))
+        attr = self.attrs.get(key)
+        if attr is not None:
+            return attr
+        attr = self.attr()
+        byref = self.byref
+        err = self.posix_spawnattr_init(byref(attr))
+        if err:
+            raise OSError(err, posix.strerror(err))
+        flags = _SETSIGDEF | _SETSIGMASK
+        if pgroup:
+            flags |= _SETPGROUP
+            self.posix_spawnattr_setpgroup(byref(attr), 0)
+        self.posix_spawnattr_setflags(byref(attr), self.c_short(flags))
+        self.posix_spawnattr_setsigdefault(
+            byref(attr), byref(self.default_but_pipe if keep_sigpipe else self.default_all))
+        self.posix_spawnattr_setsigmask(byref(attr), byref(self.empty))
+        self.attrs[key] = attr
+        return attr
+
+    def spawn(self, path, argv, env, file_actions, pgroup, keep_sigpipe, search):
+        if b"\0" in path:
+            raise ValueError("embedded null byte")
+        argv_c = self._argv(argv)
+        envp_c = self._envp(env)
+        fa = self._actions(file_actions)
+        attr = self._attr(pgroup, keep_sigpipe)
+        byref = self.byref
+        pid = self.c_int()
+        call = self.posix_spawnp if search else self.posix_spawn
+        err = call(byref(pid), path, byref(fa), byref(attr), argv_c, envp_c)
         if err:
             raise OSError(err, posix.strerror(err), path)
         return pid.value

@@ -89,3 +89,46 @@ def test_errors_as_posix_spawn(mode, tmp_path):
 def test_search_on_path(mode):
     pid = spawn.spawn(b"true", [b"true"], {}, search=True)
     assert os.waitpid(pid, 0)[1] == 0
+
+
+def environ_of(env, actions=()):
+    r, w = os.pipe()
+    try:
+        pid = spawn.spawn(b"/usr/bin/env", [b"env"], env, tuple(actions) + ((spawn.DUP2, w, 1),))
+    finally:
+        os.close(w)
+    with os.fdopen(r, "rb") as f:
+        out = f.read()
+    assert os.waitpid(pid, 0)[1] == 0
+    return out.splitlines()
+
+
+def test_reused_environment_follows_every_change(mode):
+    # spawn reuses what it built for the last environment: a changed value, a
+    # removed name and the same items in another order must each show
+    env = {b"A": b"1", b"B": b"2"}
+    assert environ_of(env) == [b"A=1", b"B=2"]
+    assert environ_of(env) == [b"A=1", b"B=2"]
+    env[b"A"] = b"3"
+    assert environ_of(env) == [b"A=3", b"B=2"]
+    del env[b"A"]
+    assert environ_of(env) == [b"B=2"]
+    env[b"A"] = b"3"
+    assert environ_of(env) == [b"B=2", b"A=3"]
+    with pytest.raises(ValueError):
+        spawn.spawn(b"/bin/true", [b"true"], {b"B": b"2", b"A": b"x\0"})
+    assert environ_of({b"B": b"2", b"A": b"3"}) == [b"B=2", b"A=3"]
+    # equal as dicts, not as the child sees them
+    assert environ_of({b"A": b"3", b"B": b"2"}) == [b"A=3", b"B=2"]
+
+
+def test_reused_file_actions_and_argv(mode, tmp_path):
+    p = tmp_path / "in"
+    p.write_bytes(b"abc")
+    opened = (spawn.OPEN, 0, os.fsencode(p), os.O_RDONLY, 0)
+    for _ in range(3):
+        pid = spawn.spawn(b"/bin/sh", [b"sh", b"-c", b'test "$(cat)" = abc'], {}, (opened,))
+        assert os.waitpid(pid, 0)[1] == 0
+    pid = spawn.spawn(b"/bin/sh", [b"sh", b"-c", b'test "$(cat)" = ""'], {},
+                      ((spawn.OPEN, 0, b"/dev/null", os.O_RDONLY, 0),))
+    assert os.waitpid(pid, 0)[1] == 0
