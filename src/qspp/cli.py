@@ -14,7 +14,7 @@ import argparse
 import os
 import sys
 
-from . import sppconfig
+from . import home as homes, sppconfig
 from .show import PROG, err as _err, os_error, out as _out
 
 EXIT_OK = 0
@@ -92,9 +92,7 @@ def _parser():
                        " run as), then read the plugin config as a connection would and list"
                        " each section's entries with their argv. The home is found as qspp"
                        " serve finds it. Exit status 1 when there is an error.")
-    c.add_argument("--qmailhome", metavar="DIR",
-                   help="qmail home (default $QMAILHOME, else /var/qmail if it has"
-                   " control/me, else the embedded home)")
+    c.add_argument("--qmailhome", metavar="DIR", help=homes.OPTION_HELP)
     c.add_argument("-x", "--rules", metavar="FILE.cdb",
                    help="the tcprules cdb given to tcpserver -x or qspp serve --rules")
     c.add_argument("--user", metavar="NAME",

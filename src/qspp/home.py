@@ -20,6 +20,10 @@ ENVIRONMENT = "$QMAILHOME"
 INSTALLED = "qmail's"
 EMBEDDED = "embedded"
 
+# --qmailhome's help, the same for check, plugin-test and serve
+OPTION_HELP = ("qmail home (default $QMAILHOME, else /var/qmail if it has control/me,"
+               " else the embedded home)")
+
 
 def embedded_home_path(environ, system=False) -> bytes:
     """system: root starting sessions as another user."""

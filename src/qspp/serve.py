@@ -218,9 +218,7 @@ def parser():
                    " ([::1]:PORT for IPv6)")
     p.add_argument("-x", "--rules", metavar="FILE.cdb",
                    help="tcprules cdb, looked up as tcpserver -x does")
-    p.add_argument("--qmailhome", metavar="DIR",
-                   help="qmail home (default $QMAILHOME, else /var/qmail if it has"
-                   " control/me, else the embedded home)")
+    p.add_argument("--qmailhome", metavar="DIR", help=homes.OPTION_HELP)
     p.add_argument("-l", "--localname", metavar="NAME",
                    help="TCPLOCALHOST for every session, as tcpserver -l")
     p.add_argument("--resolve", action="store_true",
