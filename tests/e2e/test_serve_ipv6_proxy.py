@@ -19,7 +19,7 @@ import pytest
 
 from .conftest import normalize_date, wait_for
 from .serve_harness import ServeServer
-from .test_ipv6 import DUMP_PLUGIN, ENVDUMP, _rules_cdb, smtp, tcp_vars
+from .test_ipv6 import DUMP_PLUGIN, _rules_cdb, envdump, smtp, tcp_vars  # noqa: F401 - envdump is a fixture
 from .test_serve import make_rules, serve  # noqa: F401 - the fixture
 from .ucspi6 import Server, read_all, require_ipv6, unpack
 
@@ -58,14 +58,6 @@ def tcpserver_env(ucspi, envdump, listen, client, source) -> dict:
             return tcp_vars(read_all(s))
     finally:
         srv.stop()
-
-
-@pytest.fixture
-def envdump(tmp_path):
-    p = tmp_path / "envdump"
-    p.write_text(ENVDUMP)
-    p.chmod(0o755)
-    return str(p)
 
 
 def without_ports(env):
