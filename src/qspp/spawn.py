@@ -226,12 +226,6 @@ class _Libc:
         return pid.value
 
 
-def preload():
-    """Load the C library calls now rather than at the first spawn (0.7 ms): for
-    a parent that forks a process per connection (`qspp serve`)."""
-    _load()
-
-
 def _load():
     global _libc
     if _libc is None:
