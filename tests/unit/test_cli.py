@@ -1978,11 +1978,13 @@ def test_check_milter_probe_capped(home, capsys, fake, monkeypatch, syn_dropping
     started = time.monotonic()
     status, out, _ = run(capsys, "check")
     took = time.monotonic() - started
-    assert out[MILTER_LINE + 1:MILTER_LINE + 3] == [
-        "  inet:127.0.0.1:%d (timeout 30 s, default=tempfail): failed: connect timeout"
-        % syn_dropping_port,
-        "  unix:%s (timeout 30 s, default=tempfail): failed: timeout" % silent.path,
-    ]
+    # now and then the kernel still completes a handshake on the full queue
+    # (a filler's retransmitted SYN frees a slot); the probe then waits out
+    # the negotiation instead of the connect, under the same cap
+    inet, unix = out[MILTER_LINE + 1:MILTER_LINE + 3]
+    assert inet in ["  inet:127.0.0.1:%d (timeout 30 s, default=tempfail): failed: %s"
+                    % (syn_dropping_port, why) for why in ("connect timeout", "timeout")]
+    assert unix == "  unix:%s (timeout 30 s, default=tempfail): failed: timeout" % silent.path
     assert 2 <= took < 5
 
 

@@ -548,6 +548,22 @@ def test_check_reports_each_milter(milters, tmp_path, monkeypatch):
     assert got[2][1] is False and got[2][2].startswith("cannot connect: ")
 
 
+def test_a_connect_that_times_out_is_named(monkeypatch):
+    # a firewalled host drops the SYN: the wait ends at the deadline, and the
+    # report says it was the connect, not the milter, that did not answer
+    seen = []
+
+    def waits(targets, deadline):
+        seen.append(deadline - time.monotonic())
+        raise TimeoutError()
+    monkeypatch.setattr(milter.inet, "connect", waits)
+    link = milter.Link(milter.Spec(b"inet:192.0.2.1:8891", 7, b"tempfail"))
+    with pytest.raises(milter.MilterError) as e:
+        link.open()
+    assert str(e.value) == "connect timeout"
+    assert 6 < seen[0] <= 7
+
+
 def test_a_replaced_body_is_not_held_in_memory():
     """Replacement chunks go to a temp file as they come: 20 MB through Edits
     leaves no trace in memory, and CRLF split across chunks still becomes LF."""
