@@ -102,7 +102,7 @@ import socket
 import sys
 import time
 
-from . import diagnose, home as homes, smtpd, tcpenv
+from . import diagnose, home as homes, smtpd, spprun, tcpenv
 from .diag import log
 from .tcprules import Rules, RulesError, signature
 
@@ -900,6 +900,12 @@ class Worker:
         self.ready = select.epoll()
         for s in server.listeners:
             self.ready.register(s, select.EPOLLIN | select.EPOLLEXCLUSIVE)
+        # what this process inherited (listeners adopted at an upgrade come
+        # inheritable) is marked once; each session is then proved to leave
+        # nothing open, so smtpd.run need not look again
+        spprun.cloexec_inherited_fds()
+        smtpd.mark_inherited_fds = False
+        spprun.null_stdin()  # opened now, it is not taken for a session's leftover
         self.fds = _open_fds()
         self.rss = _max_rss_kb()
         served = 0

@@ -264,6 +264,11 @@ def _milters(settings, env):
 # SPPLOG) and counts what it is told; under tcpserver it stays None.
 Observer = None
 
+# A `qspp serve` worker marks its descriptors close-on-exec once, when it
+# starts, and after each session ends if one was left open: it sets this to
+# False.  A process that runs one session marks them here.
+mark_inherited_fds = True
+
 
 def run(argv, environ) -> int:
     """One connection, fds 0/1; returns the exit status (spec §2.5)."""
@@ -284,7 +289,8 @@ def run(argv, environ) -> int:
                                           environ.get(b"FORCETLS"))
     env = dict(environ)
     # no child may inherit a descriptor qspp did not give it (spec §2.4)
-    cloexec_inherited_fds()
+    if mark_inherited_fds:
+        cloexec_inherited_fds()
     try:
         settings = startup.load(env, auth_mode)
         config = sppconfig.load_config(env)

@@ -124,10 +124,26 @@ class _Libc:
         # most of the time: the C array of the last one is reused while the
         # items compare equal (a C-level compare, far cheaper than rebuilding).
         # Items, not the dict, are compared: the child sees them in order.
+        # From one command to the next a value or two change (SMTPRCPTTO, the
+        # count): those slots are rewritten in place.
         items = list(env.items())
         last = self.last_env
-        if last is not None and last[0] == items:
-            return last[1]
+        if last is not None:
+            old, envp_c = last
+            if old == items:
+                return envp_c
+            if len(old) == len(items):
+                changed = [i for i in range(len(items)) if old[i] != items[i]]
+                if len(changed) <= 4:
+                    for i in changed:
+                        k, v = items[i]
+                        if k != old[i][0] or b"\0" in v:
+                            break  # a new name, or a NUL: checked in full below
+                        envp_c[i] = k + b"=" + v
+                    else:
+                        self.last_env = (items, envp_c)
+                        return envp_c
+                    self.last_env = None  # rewritten in part: never reused
         envp = [k + b"=" + v for k, v in items]
         # checked in bulk, name by name only when some name has a `=`
         if b"" in env:

@@ -122,6 +122,30 @@ def test_reused_environment_follows_every_change(mode):
     assert environ_of({b"A": b"3", b"B": b"2"}) == [b"A=3", b"B=2"]
 
 
+def test_values_rewritten_in_place_stay_exact(mode):
+    # one or two values changed are rewritten in the kept array; a renamed
+    # name, many changes or a NUL met halfway take the full path, and the
+    # array half rewritten before the NUL is never used again
+    env = {b"A": b"1", b"B": b"2", b"C": b"3", b"D": b"4", b"E": b"5", b"F": b"6"}
+    assert environ_of(env) == [b"A=1", b"B=2", b"C=3", b"D=4", b"E=5", b"F=6"]
+    env[b"C"] = b"30"
+    assert environ_of(env) == [b"A=1", b"B=2", b"C=30", b"D=4", b"E=5", b"F=6"]
+    env[b"A"], env[b"F"] = b"", b"60"
+    assert environ_of(env) == [b"A=", b"B=2", b"C=30", b"D=4", b"E=5", b"F=60"]
+    env = {k: v + b"!" for k, v in env.items()}
+    assert environ_of(env) == [b"A=!", b"B=2!", b"C=30!", b"D=4!", b"E=5!", b"F=60!"]
+    renamed = {(b"G" if k == b"B" else k): v for k, v in env.items()}
+    assert environ_of(renamed) == [b"A=!", b"G=2!", b"C=30!", b"D=4!", b"E=5!", b"F=60!"]
+    assert environ_of(env) == [b"A=!", b"B=2!", b"C=30!", b"D=4!", b"E=5!", b"F=60!"]
+    bad = dict(env)
+    bad[b"B"], bad[b"E"] = b"ok", b"x\0y"
+    with pytest.raises(ValueError):
+        spawn.spawn(b"/bin/true", [b"true"], bad)
+    assert environ_of(env) == [b"A=!", b"B=2!", b"C=30!", b"D=4!", b"E=5!", b"F=60!"]
+    env[b"B"] = b"after"
+    assert environ_of(env) == [b"A=!", b"B=after", b"C=30!", b"D=4!", b"E=5!", b"F=60!"]
+
+
 def test_reused_file_actions_and_argv(mode, tmp_path):
     p = tmp_path / "in"
     p.write_bytes(b"abc")
