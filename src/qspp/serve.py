@@ -122,6 +122,7 @@ RULES_CHECK = 0.5       # how often the parent looks for a rerun of tcprules, to
 # Idle workers kept ready for the next clients.  More are started as sessions
 # take them, up to -c, so a large -c costs processes only under load.
 SPARE_WORKERS = 8
+TOP_UP_CHECK = 1.0      # how often the parent looks for spare workers unasked
 # Variables tcpserver sets or unsets for every connection: what the parent's
 # own environment holds under these names must not reach a session.
 _PER_CONNECTION = (b"PROTO", b"TCPLOCALIP", b"TCPLOCALPORT", b"TCPLOCALHOST",
@@ -759,13 +760,16 @@ class Slots:
     Slot i belongs to worker i: 0 while idle, else 1 and the address.  The
     per-ip count is taken by marking one's own slot first and counting after,
     so two workers racing for one address can both refuse but never both pass.
+    After the slots, the parent keeps how many workers it has, so that a
+    worker taking a client can tell whether spare ones are running short.
     """
 
     SIZE = 17
 
     def __init__(self, n):
         self.n = n
-        self.mem = mmap.mmap(-1, n * self.SIZE)  # MAP_SHARED: the workers see one copy
+        self.end = n * self.SIZE
+        self.mem = mmap.mmap(-1, self.end + 4)  # MAP_SHARED: the workers see one copy
 
     # a balancer's connection: busy, but counted for no address
     BALANCER = b"\2" + bytes(16)
@@ -779,14 +783,28 @@ class Slots:
     def take(self, i, key) -> int:
         size = self.SIZE
         self.mem[i * size:(i + 1) * size] = key
-        data = self.mem[:]
-        return sum(1 for j in range(0, len(data), size) if data[j:j + size] == key)
+        data = self.mem[:self.end]
+        n = 0
+        j = data.find(key)
+        while j >= 0:  # only a match at a slot's start is a slot
+            if j % size:
+                j = data.find(key, j + 1)
+            else:
+                n += 1
+                j = data.find(key, j + size)
+        return n
 
     def free(self, i):
         self.mem[i * self.SIZE:(i + 1) * self.SIZE] = bytes(self.SIZE)
 
     def busy(self) -> int:
-        return sum(1 for j in range(0, self.n * self.SIZE, self.SIZE) if self.mem[j])
+        return self.n - self.mem[0:self.end:self.SIZE].count(0)
+
+    def set_workers(self, n):
+        self.mem[self.end:] = n.to_bytes(4, "little")
+
+    def idle(self) -> int:
+        return int.from_bytes(self.mem[self.end:], "little") - self.busy()
 
 
 def _open_fds():
@@ -968,7 +986,8 @@ class Worker:
                 n = slots.take(self.index, Slots.BALANCER)  # held to no --per-ip
             else:
                 n = slots.take(self.index, Slots.key(tcpenv.address(conn.family, remote)[0]))
-            server.note_busy()
+            if slots.idle() < server.spare:
+                server.note_busy()
             if not proxied and server.per_ip and n > server.per_ip:
                 conn.close()
                 rec.count("qspp_connections_denied_total", "per_ip")
@@ -1219,7 +1238,8 @@ class Server:
         os.close(self.note_r)
 
     def note_busy(self):
-        """A worker took a client: the parent looks whether to start another."""
+        """A worker took a client, leaving fewer than SPARE_WORKERS idle: the
+        parent looks whether to start another."""
         try:
             os.write(self.note_w, b"\0")
         except OSError:
@@ -1262,6 +1282,10 @@ class Server:
                 timeout = max(0.0, self.resume_at - now)
             if self.rules_path is not None and not self.stopping:
                 timeout = RULES_CHECK if timeout is None else min(timeout, RULES_CHECK)
+            if not self.stopping and len(self.workers) < self.limit:
+                # a worker reads the count of workers without a lock and may
+                # miss a note it should have sent: the parent looks anyway
+                timeout = TOP_UP_CHECK if timeout is None else min(timeout, TOP_UP_CHECK)
             if self.stopping:
                 if not self.workers and not self.retired:
                     log("serve: stopped")
@@ -1323,6 +1347,7 @@ class Server:
             index, started, row = self.workers.pop(pid, (None, None, None))
             if index is None:
                 continue
+            self.slots.set_workers(len(self.workers))
             if self.metrics is not None:
                 if os.WIFSIGNALED(status) and self.slots.mem[index * Slots.SIZE]:
                     self.rec.count("qspp_sessions_total", "killed")
@@ -1377,6 +1402,7 @@ class Server:
             finally:
                 os._exit(status)
         self.workers[pid] = (index, time.monotonic(), row)
+        self.slots.set_workers(len(self.workers))
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS + (signal.SIGUSR1,))
         return True
 
