@@ -69,15 +69,28 @@ def _signature(st) -> tuple:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
+def reusable(st) -> "tuple | None":
+    """What to compare a later stat with before reusing what was read from a
+    file with status ST: None when it must be read again every time (not a
+    regular file, or changed within the last _SETTLED seconds)."""
+    if st.st_mode & _S_IFMT == _S_IFREG and _time() - st.st_ctime > _SETTLED:
+        return _signature(st)
+    return None
+
+
+def unchanged(path, signature) -> bool:
+    try:
+        return _signature(posix.stat(path)) == signature
+    except OSError:
+        return False
+
+
 def _read(path, first_line: bool) -> "bytes | None":
     key = (path, first_line)
     hit = _cache.get(key)
     if hit is not None:
-        try:
-            if _signature(posix.stat(path)) == hit[0]:
-                return hit[1]
-        except OSError:
-            pass
+        if unchanged(path, hit[0]):
+            return hit[1]
         del _cache[key]
     fd = _open(path)
     if fd is None:
@@ -89,8 +102,9 @@ def _read(path, first_line: bool) -> "bytes | None":
         raise ControlError(path, e.errno) from None
     finally:
         posix.close(fd)
-    if st.st_mode & _S_IFMT == _S_IFREG and _time() - st.st_ctime > _SETTLED:
-        _cache[key] = (_signature(st), data)
+    signature = reusable(st)
+    if signature is not None:
+        _cache[key] = (signature, data)
     return data
 
 

@@ -8,6 +8,8 @@ failure replies.
 import errno as _errno
 import posix
 
+from . import control
+
 DEFAULT_PATH = b"control/smtpplugins"
 
 # Only the second byte of a header counts (§2.3); keyed by its integer value
@@ -88,23 +90,37 @@ def load_config(env):
     explicit = bool(path)
     if not explicit:
         path = DEFAULT_PATH
+    hit = _parsed.get(path)
+    if hit is not None:
+        if control.unchanged(path, hit[0]):
+            return hit[1]
+        del _parsed[path]
     try:
-        data = _read_file(path)
+        data, st = _read_file(path)
     except OSError as e:
         if e.errno == _errno.ENOENT and not explicit:
             return Config(path, {}, [(0, "note", path + b" does not exist: no plugins")],
                           True, path + b" does not exist: no plugins")
         raise SppConfigError(path, e.errno or _errno.EIO)
-    return parse(data, path)
+    config = parse(data, path)
+    signature = control.reusable(st)
+    if signature is not None:
+        _parsed[path] = (signature, config)
+    return config
+
+
+# The parsed file, reused as qspp.control reuses what it read: a process that
+# serves many sessions (a `qspp serve` worker) then pays one stat for it.
+# Sessions only read a Config.
+_parsed: "dict[bytes, tuple]" = {}
 
 
 def _read_file(path):
     # posix.open on a directory succeeds on Linux; the EISDIR comes from read,
     # which is why reading happens inside the same error handling.
-    from .control import read_fd
     fd = posix.open(path, posix.O_RDONLY | posix.O_CLOEXEC)
     try:
-        return read_fd(fd)
+        return control.read_fd(fd), posix.fstat(fd)
     finally:
         posix.close(fd)
 

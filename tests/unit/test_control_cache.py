@@ -159,3 +159,42 @@ def test_one_process_many_connections_sees_each_change(tmp_path):
     lines = out.stdout.decode().splitlines()
     assert lines == ["0 %r" % (b"220 %s ESMTP\r\n221 %s\r\n" % (n.encode(), n.encode()))
                      for n in names]
+
+
+@pytest.fixture
+def spp_home(home, monkeypatch):
+    from qspp import sppconfig
+    monkeypatch.setattr(sppconfig, "_parsed", {})
+    reads = []
+    real = sppconfig._read_file
+
+    def counting(path):
+        reads.append(path)
+        return real(path)
+    monkeypatch.setattr(sppconfig, "_read_file", counting)
+    return reads
+
+
+def test_plugin_list_is_parsed_once_and_each_change_shows(spp_home, settled):
+    from qspp.sppconfig import load_config
+    put("control/smtpplugins", b"[mail]\n/bin/a\n")
+    first = load_config({})
+    assert first.sections == {"mail": [b"/bin/a"]}
+    assert load_config({}) is first
+    assert spp_home == [b"control/smtpplugins"]
+    next_tick()
+    put("control/smtpplugins", b"[mail]\n/bin/b\n")  # same size
+    assert load_config({}).sections == {"mail": [b"/bin/b"]}
+    os.unlink("control/smtpplugins")
+    assert load_config({}).missing
+    put("control/other", b"[rcpt]\n/bin/c\n")
+    assert load_config({b"SPPCONFFILE": b"control/other"}).sections == {"rcpt": [b"/bin/c"]}
+    assert load_config({b"NOSPP": b""}) is None
+
+
+def test_fresh_plugin_list_is_read_each_time(spp_home):
+    from qspp.sppconfig import load_config
+    put("control/smtpplugins", b"[mail]\n/bin/a\n")
+    load_config({})
+    load_config({})
+    assert spp_home == [b"control/smtpplugins"] * 2
