@@ -17,7 +17,7 @@ from .conftest import REPO
 
 SOAK = str(REPO / "scripts" / "soak")
 PY = os.path.realpath(sys.executable)
-MODES = ["tcpserver", "serve"]
+MODES = ["tcpserver", "serve", "embedded"]
 
 
 def run_soak(*args, timeout=120):
@@ -48,9 +48,15 @@ def test_soak_loses_nothing(mode):
 
 
 def test_soak_catches_a_lost_message():
-    mode = MODES[-1]  # the quicker one
+    mode = "serve"  # the quicker of the modes with a queue program
     p = run_soak("-n", "40", "-c", "4", "--mode", mode, "--self-test-drop")
     out = p.stdout.decode()
     assert p.returncode == 1, out
     assert "acknowledged 40, queued 36 (files 36), duplicates 0, lost 4," in out, out
     assert "FAIL: 4 acknowledged but not queued (e.g. [7, 17, 27, 37])" in out, out
+
+
+def test_soak_self_test_needs_a_queue_program():
+    p = run_soak("-n", "10", "--mode", "embedded", "--self-test-drop")
+    assert p.returncode == 2
+    assert b"--self-test-drop needs a queue program: not in embedded mode" in p.stderr
