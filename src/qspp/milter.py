@@ -4,7 +4,9 @@ Imported only when `control/smtpmilters` (or the file MILTERS names) exists,
 so plain connections never pay for it.  The packet codec and the message view
 (`Draft`) do no I/O; `Link` is the one place that touches a socket, with a
 deadline on every wait; `Milters` is what the session calls at each step and
-turns every milter answer, or failure, into at most one SMTP reply.
+turns every milter answer, or failure, into at most one SMTP reply.  The
+changes a milter asks for at end of message are carried out by
+qspp.milteredit, imported only for a message some milter changes.
 
 What a milter sees and changes is what qmail-queue would get: the Received
 line and the plugins' headers included, LF line ends made CRLF on the wire
@@ -30,9 +32,6 @@ BODY_CHUNK = 32000  # raw bytes per body packet: CRLF-expanded it stays <= 65535
 MAX_HEADER = 64000  # a longer field, and all after it, goes to milters as body
 MAX_HEADERS_TOTAL = 1 << 20
 MAX_HEADER_COUNT = 2000
-MAX_EDITED_HEADERS = 4 << 20  # headers after the milters' additions
-MAX_EDITS = 16 << 20  # one milter's changes, a replaced body aside
-MAX_BODY = 1 << 30  # a replaced body (on disk)
 PATIENCE = 10  # timeouts one answer may take with progress packets
 
 # actions (SMFIF_*) qspp can carry out, offered in full
@@ -57,6 +56,10 @@ HEADER = (b"L", P_NOHDRS, P_NR_HDR, None)
 EOH = (b"N", P_NOEOH, P_NR_EOH, 6)
 BODY = (b"B", P_NOBODY, P_NR_BODY, None)
 EOM = (b"E", 0, 0, 5)
+
+# what a milter may ask at end of message: add, insert and change a header,
+# replace the body, add and delete a recipient, change the sender, quarantine
+EDIT_COMMANDS = frozenset((b"h", b"i", b"m", b"b", b"+", b"2", b"-", b"e", b"q"))
 
 # SPPLOG's section names for the events a milter answers
 _PHASES = {b"C": "connection", b"H": "helo", b"M": "mail", b"R": "rcpt", b"T": "data",
@@ -371,11 +374,6 @@ def split_field(raw: bytes):
     return raw[:colon].rstrip(b" \t"), value.lstrip(b" \t")
 
 
-def make_field(name: bytes, value: bytes) -> bytes:
-    value = value.replace(b"\r\n", b"\n").replace(b"\r", b"")
-    return name + b": " + value + b"\n"
-
-
 class Draft:
     """Headers held in memory (bounded), the body left where it is.
 
@@ -468,67 +466,6 @@ class Draft:
             for i in range(0, len(block), BODY_CHUNK):
                 yield bytes(block[i:i + BODY_CHUNK]).replace(b"\n", b"\r\n")
 
-    # -- the milters' changes
-
-    def apply(self, edits: "Edits") -> None:
-        """One milter's changes, once its verdict lets them through."""
-        for cmd, data in edits.items:
-            getattr(self, "_edit_" + _EDITS[cmd])(data)
-        if edits.body_fd >= 0:
-            if self.body_fd >= 0:
-                posix.close(self.body_fd)
-            self.body_fd, edits.body_fd = edits.body_fd, -1
-            self.edited = True
-        if sum(len(h) for h in self.headers) > MAX_EDITED_HEADERS:
-            raise MilterError("headers over 4 MiB after changes")
-
-    def _edit_add(self, data):
-        name, value = (strings(data) + [b""])[:2]
-        self.headers.append(make_field(name, value))
-        self.edited = True
-
-    def _edit_insert(self, data):
-        index = _n(data[:4])
-        name, value = (strings(data[4:]) + [b""])[:2]
-        self.headers.insert(min(index, len(self.headers)), make_field(name, value))
-        self.edited = True
-
-    def _edit_change(self, data):
-        index = _n(data[:4])
-        name, value = (strings(data[4:]) + [b""])[:2]
-        lname = name.lower()
-        seen = 0
-        for i, raw in enumerate(self.headers):
-            if (_field_name(raw) or b"").lower() == lname:
-                seen += 1
-                if seen == max(index, 1):
-                    if value:
-                        self.headers[i] = make_field(name, value)
-                    else:
-                        del self.headers[i]
-                    self.edited = True
-                    return
-        if value:
-            self.headers.append(make_field(name, value))
-            self.edited = True
-
-    def _edit_addrcpt(self, data):
-        address = _unbracket(strings(data)[0])
-        self.recipients.append((address, address))
-
-    def _edit_delrcpt(self, data):
-        address = _unbracket(strings(data)[0]).lower()
-        self.recipients = [r for r in self.recipients if r[0].lower() != address]
-
-    def _edit_chgfrom(self, data):
-        self.sender = _unbracket(strings(data)[0])
-
-    def _edit_quarantine(self, data):
-        reason = strings(data)[0]
-        log(b"milter quarantine: " + reason)
-        self.headers.append(make_field(b"X-Qspp-Quarantine", reason))
-        self.edited = True
-
     # -- what qmail-queue gets
 
     def envelope(self) -> bytes:
@@ -558,52 +495,6 @@ class Draft:
             self.body_fd = -1
 
 
-class Edits:
-    """What one milter asks to change at end of message, held until its verdict.
-    A replacement body goes straight to a temp file (LF line ends), so a milter
-    rewriting a 50 MB body costs no memory; the rest is capped."""
-
-    def __init__(self):
-        self.items = []
-        self.size = 0
-        self.body_fd = -1
-        self.body_size = 0
-        self._carry = b""
-
-    def add(self, cmd: bytes, data: bytes) -> None:
-        if cmd == b"b":
-            if self.body_fd < 0:
-                self.body_fd = _temp_file()
-            self.body_size += len(data)
-            if self.body_size > MAX_BODY:
-                raise MilterError("replaced body over 1 GiB")
-            data = self._carry + data
-            self._carry = b""
-            if data[-1:] == b"\r":
-                self._carry, data = b"\r", data[:-1]
-            _write_all(self.body_fd, data.replace(b"\r\n", b"\n"))
-            return
-        self.size += len(data)
-        if self.size > MAX_EDITS:
-            raise MilterError("changes over 16 MiB")
-        self.items.append((cmd, data))
-
-    def finish(self) -> None:
-        if self._carry:
-            _write_all(self.body_fd, self._carry)
-            self._carry = b""
-
-    def close(self) -> None:
-        if self.body_fd >= 0:
-            posix.close(self.body_fd)
-            self.body_fd = -1
-
-
-_EDITS = {b"h": "add", b"i": "insert", b"m": "change", b"b": "body",
-          b"+": "addrcpt", b"2": "addrcpt", b"-": "delrcpt", b"e": "chgfrom",
-          b"q": "quarantine"}
-
-
 def _slice(pieces, at: int):
     """The pieces from message offset AT on."""
     out = []
@@ -618,32 +509,6 @@ def _slice(pieces, at: int):
             out.append((p[0], p[1] + at, p[2]))
         at = 0
     return out
-
-
-def _unbracket(address: bytes) -> bytes:
-    if address[:1] == b"<" and address[-1:] == b">":
-        return address[1:-1]
-    return address
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[posix.write(fd, view):]
-
-
-_temp_counter = 0
-
-
-def _temp_file() -> int:
-    global _temp_counter
-    _temp_counter += 1
-    tmpdir = posix.environ.get(b"TMPDIR") or b"/tmp"
-    name = b"%s/qspp-milter.%d.%d.%s" % (tmpdir, posix.getpid(), _temp_counter,
-                                          posix.urandom(6).hex().encode())
-    fd = posix.open(name, posix.O_RDWR | posix.O_CREAT | posix.O_EXCL | posix.O_CLOEXEC, 0o600)
-    posix.unlink(name)
-    return fd
 
 
 # -- one milter, one connection ------------------------------------------------
@@ -703,16 +568,20 @@ class Milter:
         return not (step[2] & self.protocol)
 
     def answer(self, edits=None):
-        """The milter's verdict; edits (at end of message) collect meanwhile.
-        `progress` and each change start a new timeout, but one answer never
-        takes more than ten timeouts in all."""
+        """The milter's verdict.  EDITS, a list (at end of message): the
+        milter's changes collect meanwhile in the milteredit.Edits it gets at
+        the first one.  `progress` and each change start a new timeout, but
+        one answer never takes more than ten timeouts in all."""
         limit = time.monotonic() + PATIENCE * self.spec.timeout
         while True:
             cmd, data = self.link.receive(limit)
             if cmd == b"p":
                 continue
-            if edits is not None and cmd in _EDITS:
-                edits.add(cmd, data)
+            if edits is not None and cmd in EDIT_COMMANDS:
+                if not edits:
+                    from .milteredit import Edits
+                    edits.append(Edits())
+                edits[0].add(cmd, data)
                 continue
             if cmd in b"cartsd" and len(cmd) == 1:
                 return cmd, data
@@ -958,16 +827,19 @@ class Milters:
                     if cmd != b"c":
                         return self._verdict(m, cmd, text, b"during the message")
         m.send_step(EOM, b"", self.macros)
-        edits = Edits()
+        edits = []
         try:
             cmd, text = m.answer(edits)
             m.in_message = False  # the verdict ends the milter's message
             if cmd in b"ca":
-                edits.finish()
-                draft.apply(edits)
+                if edits:
+                    from .milteredit import apply
+                    edits[0].finish()
+                    apply(draft, edits[0])
                 return None
         finally:
-            edits.close()
+            if edits:
+                edits[0].close()
         return self._verdict(m, cmd, text, b"at end of message")
 
     def _verdict(self, m: Milter, cmd: bytes, text: bytes, where: bytes):

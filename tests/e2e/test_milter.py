@@ -187,6 +187,25 @@ def test_milter_code_is_imported_only_when_smtpmilters_exists(home, fake):
     assert not imported()
 
 
+def test_edit_code_is_imported_only_for_a_message_a_milter_changes(home, fake):
+    """qspp.milteredit is the part of the milter client only a changed message
+    needs: a message that comes back untouched does not import it."""
+    import subprocess
+    from .conftest import PYTHON
+
+    def session(m):
+        use(home, m)
+        r = subprocess.run([PYTHON, "-X", "importtime", "-m", "qspp.smtpd"],
+                           input=b"HELO h\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<x@example.org>"
+                                 b"\r\nDATA\r\nSubject: s\r\n\r\nhi\r\n.\r\nQUIT\r\n",
+                           capture_output=True, env=home.full_env(), timeout=30)
+        assert re.fullmatch(rb"220 .*\r\n250 .*\r\n250 ok\r\n250 ok\r\n354 go ahead\r\n"
+                            rb"250 ok \d+ qp \d+\r\n221 mx.example.org\r\n", r.stdout), r.stdout
+        return b"qspp.milteredit" in r.stderr
+    assert not session(fake("same.sock"))
+    assert session(fake("edits.sock", answers={b"E": lambda d: pkt(b"h", b"X-A\0b\0") + pkt(b"c")}))
+
+
 def test_spplog_shows_each_milter_verdict_and_time(home, smtpd, fake):
     m = fake(protocol=0x1000 | 0x2000,  # no replies to connect and HELO
              answers={b"R": lambda d: pkt(b"y", b"550 5.1.1 no\0") if b"bad" in d else None})

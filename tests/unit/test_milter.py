@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from qspp import control, milter, replies
+from qspp import control, milter, milteredit, replies
 from qspp.session import CLOSED, COMMAND
 
 try:
@@ -176,7 +176,7 @@ def test_draft_pieces_keep_the_body_plugin_headers_at_the_mark(tmp_path):
 def test_draft_edits():
     d = draft(b"Received: r\nSubject: s\nX-A: 1\nx-a: 2\n\nold\n",
               [(b"x@example.org", b"x@example.org"), (b"y@example.org", b"y@example.orgSUFFIX")])
-    edits = milter.Edits()
+    edits = milteredit.Edits()
     for cmd, data in [
         (b"h", b"X-Spam\0yes\0"),
         (b"i", struct.pack(">I", 0) + b"DKIM-Signature\0v=1;\r\n\tb=abc\0"),
@@ -190,7 +190,7 @@ def test_draft_edits():
     ]:
         edits.add(cmd, data)
     edits.finish()
-    d.apply(edits)
+    milteredit.apply(d, edits)
     assert edits.body_fd == -1  # the draft owns the new body now
     assert queued(d) == (b"DKIM-Signature: v=1;\n\tb=abc\nReceived: r\nX-A: 1\nX-A: changed\n"
                          b"X-Spam: yes\nX-New: v\nX-Qspp-Quarantine: suspicious\n\nnew\nbody\n")
@@ -202,7 +202,7 @@ def test_draft_edits():
 def test_draft_untouched_is_copied_byte_for_byte():
     msg = b"Received: r\nweird line\n\n\nbody\r\nwith CR\n"
     d = draft(msg)
-    d.apply(milter.Edits())
+    milteredit.apply(d, milteredit.Edits())
     assert queued(d) == msg
 
 
@@ -569,7 +569,7 @@ def test_a_replaced_body_is_not_held_in_memory():
     leaves no trace in memory, and CRLF split across chunks still becomes LF."""
     import tracemalloc
     chunk = (b"z" * 998 + b"\r\n") * 65
-    edits = milter.Edits()
+    edits = milteredit.Edits()
     tracemalloc.start()
     try:
         for _ in range(20 * 1024 * 1024 // len(chunk)):
@@ -581,7 +581,7 @@ def test_a_replaced_body_is_not_held_in_memory():
     edits.finish()
     assert peak < 1024 * 1024, peak
     d = draft(b"Subject: x\n\nold\n")
-    d.apply(edits)
+    milteredit.apply(d, edits)
     out = queued(d)
     n = 20 * 1024 * 1024 // len(chunk) * 65
     assert len(out) == len(b"Subject: x\n\n") + n * 999 and out.endswith(b"z\n")
