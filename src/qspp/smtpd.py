@@ -265,8 +265,8 @@ def _milters(settings, env):
 Observer = None
 
 # A `qspp serve` worker marks its descriptors close-on-exec once, when it
-# starts, and after each session ends if one was left open: it sets this to
-# False.  A process that runs one session marks them here.
+# starts, and ends after any session that leaves one open: it sets this to
+# False.  A process that runs one session marks them here, at its start.
 mark_inherited_fds = True
 
 
