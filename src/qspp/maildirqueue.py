@@ -5,9 +5,10 @@ fd 1 (`F` sender `\\0`, `T` recipient `\\0` ..., `\\0`), exactly like qmail-queu
 Useful where no qmail is installed: qspp then works as a plain SMTP sink.
 
 Delivery: one file per message, whatever the number of recipients, written by the
-maildir protocol: tmp/ under a unique name, fsync, link() into new/, fsync of new/.
-link() never replaces a file, so a name already in new/ (a clock that stepped
-back, two hosts of one name sharing the Maildir) costs a retry, never a message.
+maildir protocol: in tmp/ (unnamed, O_TMPFILE, where the system allows; else
+under a unique name), fsync, link() into new/, fsync of new/.  link() never
+replaces a file, so a name already in new/ (a clock that stepped back, two hosts
+of one name sharing the Maildir) costs a retry, never a message.
 The file is
 
     Return-Path: <sender>
@@ -166,16 +167,42 @@ def _create_tmp(maildir, host, mode=os.O_WRONLY):
     raise _Exit(62)
 
 
-def _link_new(maildir, tmp_path, host):
-    """Link the finished file into new/ under a name nobody holds; return the path.
+def _create_final(maildir, host):
+    """The file the delivery writes: (its path in tmp/, fd), or (None, fd) for
+    an unnamed file in tmp/ (O_TMPFILE).  Unnamed, it gets its only name when
+    linked into new/: nothing is left to remove after, and the delivery costs
+    one directory change, as a rename would, not a link and an unlink."""
+    global _tmpfile
+    if _tmpfile is None:
+        # the link into new/ goes through /proc/self/fd
+        _tmpfile = hasattr(os, "O_TMPFILE") and os.path.isdir("/proc/self/fd")
+    if _tmpfile:
+        try:
+            return None, os.open(maildir + "/tmp", os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC,
+                                 0o600)
+        except OSError as e:
+            if e.errno in _DISK_FULL:
+                raise _Exit(53) from None
+            if e.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                _tmpfile = False  # not on this kernel or filesystem: names from now on
+    name, fd = _create_tmp(maildir, host)
+    return maildir + "/tmp/" + name, fd
+
+
+_tmpfile = None  # O_TMPFILE usable; None until the first delivery looks
+
+
+def _link_new(new_fd, source, host):
+    """Link the finished file into new/ (NEW_FD) under a name nobody holds;
+    return the name.  SOURCE: its path, or /proc/self/fd/N for an unnamed one.
 
     EEXIST means another message has that name: take a fresh one, never replace.
     """
     for attempt in range(_NAME_TRIES):
-        path = maildir + "/new/" + _maildir_name(host)
+        name = _maildir_name(host)
         try:
-            os.link(tmp_path, path)
-            return path
+            os.link(source, name, dst_dir_fd=new_fd, follow_symlinks=True)
+            return name
         except FileExistsError:
             continue
         except OSError as e:
@@ -190,20 +217,15 @@ def _fsync(fd):
         raise _Exit(53) from None
 
 
-def _fsync_dir(path):
-    """Make a link in `path` durable.  Only EINVAL (a filesystem that cannot fsync
-    a directory) is let pass: any other failure leaves the link's fate unknown."""
+def _fsync_dir(fd):
+    """Make a link in the directory FD durable.  Only EINVAL (a filesystem that
+    cannot fsync a directory) is let pass: any other failure leaves the link's
+    fate unknown."""
     try:
-        dfd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        raise _Exit(53) from None
-    try:
-        os.fsync(dfd)
+        os.fsync(fd)
     except OSError as e:
         if e.errno != errno.EINVAL:
             raise _Exit(53) from None
-    finally:
-        os.close(dfd)
 
 
 def deliver(msg_fd, env_fd, maildir):
@@ -213,58 +235,76 @@ def deliver(msg_fd, env_fd, maildir):
     # The envelope comes only after fd 0 is closed, so the message must be stored
     # before the headers are known: spool it, then copy it after the headers.
     spool_name, spool = _create_tmp(maildir, host + ".spool", os.O_RDWR)
-    spool_path = maildir + "/tmp/" + spool_name
-    final_path = None
-    fd = -1
     try:
-        os.unlink(spool_path)  # an open unlinked file: nothing to clean up later
+        os.unlink(maildir + "/tmp/" + spool_name)  # open and unlinked: nothing to clean up later
         while True:
             chunk = _read(msg_fd, _CHUNK)
             if not chunk:
                 break
             _write_all(spool, chunk)
-        sender, rcpts = read_envelope(env_fd)
-        for address in [sender] + rcpts:
-            if any(c in address for c in _LINE_ENDS):
-                raise _Exit(31)
+        return _write_final(spool, env_fd, maildir, host)
+    finally:
+        os.close(spool)
 
-        name, fd = _create_tmp(maildir, host)
-        final_path = maildir + "/tmp/" + name
+
+def deliver_stored(msg_fd, env_fd, maildir):
+    """deliver() for a message already in a file MSG_FD can seek (qspp serve's
+    own delivery keeps it in one): no spool."""
+    host = os.uname().nodename or "localhost"
+    _ensure_dirs(maildir)
+    return _write_final(msg_fd, env_fd, maildir, host)
+
+
+def _write_final(message, env_fd, maildir, host):
+    """The headers from the envelope on ENV_FD, then MESSAGE (a file read from
+    its start), into a new file linked into new/ once it is on disk."""
+    sender, rcpts = read_envelope(env_fd)
+    for address in [sender] + rcpts:
+        if any(c in address for c in _LINE_ENDS):
+            raise _Exit(31)
+    tmp_path, fd = _create_final(maildir, host)
+    try:
         head = [b"Return-Path: <", sender, b">\n"]
         for r in rcpts:
             head += (b"X-Envelope-To: <", r, b">\n")
         _write_all(fd, b"".join(head))
-        os.lseek(spool, 0, os.SEEK_SET)
+        try:
+            os.lseek(message, 0, os.SEEK_SET)
+        except OSError:
+            raise _Exit(53) from None
         while True:
             try:
-                chunk = os.read(spool, _CHUNK)
+                chunk = os.read(message, _CHUNK)
             except OSError:
                 raise _Exit(53) from None
             if not chunk:
                 break
             _write_all(fd, chunk)
         _fsync(fd)
-        os.close(fd)
-        fd = -1
-        new_path = _link_new(maildir, final_path, host)
         try:
-            _fsync_dir(maildir + "/new")
-        except _Exit:
-            # A temporary failure makes the client send the message again:
-            # the copy whose link may not last goes, so as not to deliver twice.
+            new_fd = os.open(maildir + "/new", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            raise _Exit(53) from None
+        try:
+            name = _link_new(new_fd, tmp_path or "/proc/self/fd/%d" % fd, host)
             try:
-                os.unlink(new_path)
-            except OSError:
-                pass
-            raise
+                _fsync_dir(new_fd)
+            except _Exit:
+                # A temporary failure makes the client send the message again:
+                # the copy whose link may not last goes, so as not to deliver twice.
+                try:
+                    os.unlink(name, dir_fd=new_fd)
+                except OSError:
+                    pass
+                raise
+        finally:
+            os.close(new_fd)
         return 0
     finally:
-        os.close(spool)
-        if fd >= 0:
-            os.close(fd)
-        if final_path is not None:
+        os.close(fd)
+        if tmp_path is not None:
             try:
-                os.unlink(final_path)
+                os.unlink(tmp_path)
             except OSError:
                 pass
 

@@ -22,8 +22,9 @@ clean, it ends and the parent starts a fresh one, as it does for a crashed one.
 As tcpserver -c, at most --concurrency sessions run: one per worker; more
 clients wait in the kernel's backlog.
 
-With the embedded home, its queue program runs as a fork of the session
-(qspp.maildirqueue.deliver on the same two pipes) instead of a new interpreter.
+With the embedded home, the session process delivers each message itself
+(qspp.maildirqueue's delivery, on the message it has kept) instead of
+starting the home's queue program, a new interpreter.
 
 --per-ip: at most N sessions per client address (default 20, at most -c - 1); one more is
 closed with nothing sent and one line logged.  --max-session-time: a session's
@@ -559,7 +560,7 @@ def _deliver_code(msg_fd, env_fd, maildir) -> int:
     """qspp.maildirqueue's delivery; its exit code, as qmail-queue's."""
     from . import maildirqueue
     try:
-        return maildirqueue.deliver(msg_fd, env_fd, maildir)
+        return maildirqueue.deliver_stored(msg_fd, env_fd, maildir)
     except Exception as e:  # noqa: BLE001 - a queue answers with an exit code
         code = getattr(e, "code", None)
         if isinstance(code, int):
@@ -579,10 +580,11 @@ class _InProcessQueue:
 
     Message and envelope go to anonymous files (the message to memory up to
     SPILL bytes, then to an unnamed file in the Maildir's tmp/, so a big one
-    costs no memory); at the end maildirqueue.deliver reads them exactly as it
-    reads qmail-queue's two pipes, so the durability (the file fsynced, linked
-    into new/, new/ fsynced, all before the 250), the exit codes and thus the
-    replies are the queue program's.
+    costs no memory); at the end maildirqueue.deliver_stored reads them as
+    the queue program reads its two pipes, less the spool the message is
+    already in, so the durability (the file fsynced, linked into new/, new/
+    fsynced, all before the 250), the exit codes and thus the replies are the
+    queue program's.
     """
 
     SPILL = 1 << 20
@@ -690,9 +692,8 @@ class _EmbeddedQueue:
     """The embedded home's bin/qmail-queue, without starting an interpreter.
 
     The script would start a new interpreter for every message.  Instead the
-    session delivers itself (_InProcessQueue), running the same
-    maildirqueue.deliver, so the durability and the replies are the
-    script's.  Any other program (QMAILQUEUE set by a rule, say) is spawned
+    session delivers itself (_InProcessQueue), running maildirqueue's own
+    delivery, so the durability and the replies are the script's.  Any other program (QMAILQUEUE set by a rule, say) is spawned
     as usual.
     """
 

@@ -157,6 +157,13 @@ def test_read_envelope_errors(data, code):
 
 # Header injection, name clashes and directory fsync (issue 10, findings 5-7) ----
 
+# the delivery's own file: unnamed in tmp/ (O_TMPFILE) or named, one outcome
+@pytest.fixture(params=[True, False], ids=["unnamed", "named"])
+def final_file(request, monkeypatch):
+    monkeypatch.setattr(maildirqueue, "_tmpfile", request.param)
+    return request.param
+
+
 def deliver_here(maildir, message, envelope):
     """deliver() in this process (so tests can patch it); returns the exit code."""
     mr, mw = os.pipe()
@@ -206,7 +213,7 @@ def test_cr_address_is_not_a_header_to_a_mail_parser(tmp_path, mq):
         assert msg["X-Spam-Status"] is None
 
 
-def test_existing_message_is_never_replaced(tmp_path, monkeypatch):
+def test_existing_message_is_never_replaced(tmp_path, monkeypatch, final_file):
     """Same name twice (a clock that steps back, two hosts of one name sharing the
     Maildir): the message already in new/ stays, the new one gets another name."""
     md = tmp_path / "md"
@@ -248,7 +255,7 @@ def _fsync_failing_on_directories(err):
     return fsync
 
 
-def test_failed_directory_fsync_is_a_temporary_failure(tmp_path, monkeypatch):
+def test_failed_directory_fsync_is_a_temporary_failure(tmp_path, monkeypatch, final_file):
     """EIO on the fsync of new/ after the link: the client must not get 250."""
     import errno
     md = tmp_path / "md"
@@ -258,10 +265,66 @@ def test_failed_directory_fsync_is_a_temporary_failure(tmp_path, monkeypatch):
     assert files(md / "new") == [] and files(md / "tmp") == []
 
 
-def test_directory_fsync_unsupported_is_ignored(tmp_path, monkeypatch):
+def test_directory_fsync_unsupported_is_ignored(tmp_path, monkeypatch, final_file):
     """A filesystem that cannot fsync a directory (EINVAL) is not an error."""
     import errno
     md = tmp_path / "md"
     monkeypatch.setattr(maildirqueue.os, "fsync", _fsync_failing_on_directories(errno.EINVAL))
     assert deliver_here(md, b"x\n", b"Fa@b\0Tc@d\0\0") == 0
+    assert len(files(md / "new")) == 1 and files(md / "tmp") == []
+
+
+def test_both_ways_to_the_final_file_deliver_the_same(tmp_path, final_file, monkeypatch):
+    md = tmp_path / "md"
+    created = []
+    real = maildirqueue._create_tmp
+    monkeypatch.setattr(maildirqueue, "_create_tmp",
+                        lambda *a, **k: created.append(a[1]) or real(*a, **k))
+    assert deliver_here(md, b"Subject: s\n\nbody\n", b"Fa@b\0Tc@d\0Te@f\0\0") == 0
+    [name] = files(md / "new")
+    assert (md / "new" / name).read_bytes() == (
+        b"Return-Path: <a@b>\nX-Envelope-To: <c@d>\nX-Envelope-To: <e@f>\nSubject: s\n\nbody\n")
+    assert files(md / "tmp") == []
+    host = os.uname().nodename
+    # the spool always has a name (unlinked at once); the final file only without O_TMPFILE
+    assert created == ([host + ".spool"] if final_file else [host + ".spool", host])
+
+
+def test_stored_message_needs_no_spool(tmp_path, final_file, monkeypatch):
+    """qspp serve's own delivery: the message is already in a file, so the only
+    file made is the final one (and, with O_TMPFILE, no name in tmp/ at all)."""
+    md = str(tmp_path / "md")
+    created = []
+    real = maildirqueue._create_tmp
+    monkeypatch.setattr(maildirqueue, "_create_tmp",
+                        lambda *a, **k: created.append(a[1]) or real(*a, **k))
+    msg = os.memfd_create("m")
+    env = os.memfd_create("e")
+    try:
+        os.write(msg, b"Subject: s\n\nbody\n")  # left at its end: delivery reads from 0
+        os.write(env, b"Fa@b\0Tc@d\0\0")
+        os.lseek(env, 0, os.SEEK_SET)
+        assert maildirqueue.deliver_stored(msg, env, md) == 0
+    finally:
+        os.close(msg)
+        os.close(env)
+    [name] = files(tmp_path / "md" / "new")
+    assert (tmp_path / "md" / "new" / name).read_bytes() == (
+        b"Return-Path: <a@b>\nX-Envelope-To: <c@d>\nSubject: s\n\nbody\n")
+    assert created == ([] if final_file else [os.uname().nodename])
+
+
+def test_no_o_tmpfile_here_means_named_files_from_then_on(tmp_path, monkeypatch):
+    import errno
+    monkeypatch.setattr(maildirqueue, "_tmpfile", True)
+    real = os.open
+
+    def refusing(path, flags, *a, **k):
+        if flags & os.O_TMPFILE == os.O_TMPFILE:
+            raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
+        return real(path, flags, *a, **k)
+    monkeypatch.setattr(maildirqueue.os, "open", refusing)
+    md = tmp_path / "md"
+    assert deliver_here(md, b"x\n", b"Fa@b\0Tc@d\0\0") == 0
+    assert maildirqueue._tmpfile is False
     assert len(files(md / "new")) == 1 and files(md / "tmp") == []
