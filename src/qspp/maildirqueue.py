@@ -167,25 +167,24 @@ def _create_tmp(maildir, host, mode=os.O_WRONLY):
     raise _Exit(62)
 
 
-def _create_final(maildir, host):
-    """The file the delivery writes: (its path in tmp/, fd), or (None, fd) for
-    an unnamed file in tmp/ (O_TMPFILE).  Unnamed, it gets its only name when
-    linked into new/: nothing is left to remove after, and the delivery costs
-    one directory change, as a rename would, not a link and an unlink."""
+def _create_unnamed(maildir, host, mode=os.O_WRONLY):
+    """A new file in tmp/: (its path, fd), or (None, fd) for an unnamed one
+    (O_TMPFILE).  Unnamed, the delivery's file gets its only name when linked
+    into new/: nothing is left to remove after, and the delivery costs one
+    directory change, as a rename would, not a link and an unlink."""
     global _tmpfile
     if _tmpfile is None:
         # the link into new/ goes through /proc/self/fd
         _tmpfile = hasattr(os, "O_TMPFILE") and os.path.isdir("/proc/self/fd")
     if _tmpfile:
         try:
-            return None, os.open(maildir + "/tmp", os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC,
-                                 0o600)
+            return None, os.open(maildir + "/tmp", os.O_TMPFILE | mode | os.O_CLOEXEC, 0o600)
         except OSError as e:
             if e.errno in _DISK_FULL:
                 raise _Exit(53) from None
             if e.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
                 _tmpfile = False  # not on this kernel or filesystem: names from now on
-    name, fd = _create_tmp(maildir, host)
+    name, fd = _create_tmp(maildir, host, mode)
     return maildir + "/tmp/" + name, fd
 
 
@@ -234,9 +233,10 @@ def deliver(msg_fd, env_fd, maildir):
     _ensure_dirs(maildir)
     # The envelope comes only after fd 0 is closed, so the message must be stored
     # before the headers are known: spool it, then copy it after the headers.
-    spool_name, spool = _create_tmp(maildir, host + ".spool", os.O_RDWR)
+    spool_path, spool = _create_unnamed(maildir, host + ".spool", os.O_RDWR)
     try:
-        os.unlink(maildir + "/tmp/" + spool_name)  # open and unlinked: nothing to clean up later
+        if spool_path is not None:
+            os.unlink(spool_path)  # open and unlinked: nothing to clean up later
         while True:
             chunk = _read(msg_fd, _CHUNK)
             if not chunk:
@@ -262,7 +262,7 @@ def _write_final(message, env_fd, maildir, host):
     for address in [sender] + rcpts:
         if any(c in address for c in _LINE_ENDS):
             raise _Exit(31)
-    tmp_path, fd = _create_final(maildir, host)
+    tmp_path, fd = _create_unnamed(maildir, host)
     try:
         head = [b"Return-Path: <", sender, b">\n"]
         for r in rcpts:
