@@ -97,7 +97,7 @@ class _Libc:
         self.attr = array(c_ulong, 2048 * 8 // word)
         self.actions = array(c_ulong, 1024 * 8 // word)
         self.pointers = {}  # argv/envp array types by length
-        self.last_env = None  # (the env's items in order, their envp array)
+        self.envs = {}  # [the env's items in order, their envp array] by names
         self.argvs = {}  # argv arrays by argv
         self.fas = {}  # file actions objects by action list
         self.attrs = {}  # spawn attributes by (pgroup, keep_sigpipe)
@@ -120,30 +120,27 @@ class _Libc:
         return kind(*items)  # the last stays NULL
 
     def _envp(self, env):
-        # Every plugin of a command and the queue run with the same environment
-        # most of the time: the C array of the last one is reused while the
-        # items compare equal (a C-level compare, far cheaper than rebuilding).
-        # Items, not the dict, are compared: the child sees them in order.
-        # From one command to the next a value or two change (SMTPRCPTTO, the
-        # count): those slots are rewritten in place.
+        # A session spawns with a few environments, the same names each time
+        # (the plugins of MAIL, those of RCPT, the queue): one C array is kept
+        # per list of names, and only the values that changed since it was
+        # last used are rewritten (a C-level compare finds them).  Items, not
+        # the dict, are compared: the child sees them in order.
         items = list(env.items())
-        last = self.last_env
-        if last is not None:
-            old, envp_c = last
+        names = tuple(env)
+        kept = self.envs.get(names)
+        if kept is not None:
+            old, envp_c = kept
             if old == items:
                 return envp_c
-            if len(old) == len(items):
-                changed = [i for i in range(len(items)) if old[i] != items[i]]
-                if len(changed) <= 4:
-                    for i in changed:
-                        k, v = items[i]
-                        if k != old[i][0] or b"\0" in v:
-                            break  # a new name, or a NUL: checked in full below
-                        envp_c[i] = k + b"=" + v
-                    else:
-                        self.last_env = (items, envp_c)
-                        return envp_c
-                    self.last_env = None  # rewritten in part: never reused
+            for i in [i for i in range(len(items)) if old[i][1] != items[i][1]]:
+                k, v = items[i]
+                if b"\0" in v:
+                    del self.envs[names]  # rewritten in part: never used again
+                    break  # the full check below raises
+                envp_c[i] = k + b"=" + v
+            else:
+                kept[0] = items
+                return envp_c
         envp = [k + b"=" + v for k, v in items]
         # checked in bulk, name by name only when some name has a `=`
         if b"" in env:
@@ -155,7 +152,9 @@ class _Libc:
         if b"\0" in b"".join(envp):
             raise ValueError("embedded null byte")
         envp_c = self.strings(envp)
-        self.last_env = (items, envp_c)
+        if len(self.envs) >= _CACHE_MAX:
+            self.envs.clear()
+        self.envs[names] = [items, envp_c]
         return envp_c
 
     def _argv(self, argv):
