@@ -484,3 +484,24 @@ def test_localhost_reaches_either_loopback(family, address):
         link.open()
         assert link.sock.getpeername()[:2] == (address, port)
         link.close()
+
+
+def test_an_inet_entry_costs_a_connection_no_codec_import(home, policy_server):
+    """Under tcpserver every connection is a new interpreter: an inet entry's
+    address is parsed without the idna codec (getaddrinfo given str loads
+    encodings.idna, stringprep and unicodedata: some 7 ms a connection)."""
+    import subprocess
+    from .conftest import PYTHON
+    srv = policy_server("DUNNO")
+    plugins(home, "[mail]\npolicy:%s\n[rcpt]\npolicy:%s\n" % (srv.endpoint, srv.endpoint))
+    assert srv.endpoint.startswith("inet:127.0.0.1:")
+    r = subprocess.run([PYTHON, "-X", "importtime", "-m", "qspp.smtpd"],
+                       input=b"HELO h\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<x@example.org>\r\n"
+                             b"QUIT\r\n",
+                       capture_output=True, env=home.full_env(), timeout=30)
+    assert r.stdout.endswith(b"250 ok\r\n250 ok\r\n221 mx.example.org\r\n"), r.stdout
+    assert srv.states() == ["MAIL", "RCPT"]
+    imported = [line.rsplit(b"|", 1)[1].strip() for line in r.stderr.splitlines()
+                if line.startswith(b"import time:")]
+    assert b"qspp.policy" in imported
+    assert not {b"encodings.idna", b"stringprep", b"unicodedata"} & set(imported)
