@@ -32,16 +32,21 @@ def settled(monkeypatch):
     monkeypatch.setattr(control, "_time", lambda: time.time() + 3600)
 
 
-@pytest.fixture
-def opens(monkeypatch):
+def recorded(monkeypatch, module, name):
+    """The paths MODULE.NAME(path) is called with, from now on."""
     calls = []
-    real = control._open
+    real = getattr(module, name)
 
     def counting(path):
         calls.append(path)
         return real(path)
-    monkeypatch.setattr(control, "_open", counting)
+    monkeypatch.setattr(module, name, counting)
     return calls
+
+
+@pytest.fixture
+def opens(monkeypatch):
+    return recorded(monkeypatch, control, "_open")
 
 
 def put(name, data):
@@ -165,14 +170,7 @@ def test_one_process_many_connections_sees_each_change(tmp_path):
 def spp_home(home, monkeypatch):
     from qspp import sppconfig
     monkeypatch.setattr(sppconfig, "_parsed", {})
-    reads = []
-    real = sppconfig._read_file
-
-    def counting(path):
-        reads.append(path)
-        return real(path)
-    monkeypatch.setattr(sppconfig, "_read_file", counting)
-    return reads
+    return recorded(monkeypatch, sppconfig, "_read_file")
 
 
 def test_plugin_list_is_parsed_once_and_each_change_shows(spp_home, settled):
