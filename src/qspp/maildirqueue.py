@@ -191,9 +191,9 @@ def _create_unnamed(maildir, host, mode=os.O_WRONLY):
 _tmpfile = None  # O_TMPFILE usable; None until the first delivery looks
 
 
-def _link_new(new_fd, source, host):
+def _link_new(new_fd, source, host, unnamed=False):
     """Link the finished file into new/ (NEW_FD) under a name nobody holds;
-    return the name.  SOURCE: its path, or /proc/self/fd/N for an unnamed one.
+    return the name.  SOURCE: its path, or /proc/self/fd/N for an UNNAMED one.
 
     EEXIST means another message has that name: take a fresh one, never replace.
     """
@@ -205,7 +205,11 @@ def _link_new(new_fd, source, host):
         except FileExistsError:
             continue
         except OSError as e:
-            raise _Exit(53 if e.errno in _DISK_FULL else 62) from None
+            if e.errno in _DISK_FULL:
+                raise _Exit(53) from None
+            if unnamed:
+                raise _Unlinkable() from None
+            raise _Exit(62) from None
     raise _Exit(62)
 
 
@@ -258,16 +262,32 @@ def deliver_stored(msg_fd, env_fd, maildir):
 def _write_final(message, env_fd, maildir, host):
     """The headers from the envelope on ENV_FD, then MESSAGE (a file read from
     its start), into a new file linked into new/ once it is on disk."""
+    global _tmpfile
     sender, rcpts = read_envelope(env_fd)
     for address in [sender] + rcpts:
         if any(c in address for c in _LINE_ENDS):
             raise _Exit(31)
+    head = [b"Return-Path: <", sender, b">\n"]
+    for r in rcpts:
+        head += (b"X-Envelope-To: <", r, b">\n")
+    head = b"".join(head)
+    try:
+        return _store(head, message, maildir, host)
+    except _Unlinkable:
+        # a system where /proc/self/fd cannot be linked from: named files
+        # from now on, this message included
+        _tmpfile = False
+        return _store(head, message, maildir, host)
+
+
+class _Unlinkable(Exception):
+    """An unnamed file could not be linked into new/ through /proc/self/fd."""
+
+
+def _store(head, message, maildir, host):
     tmp_path, fd = _create_unnamed(maildir, host)
     try:
-        head = [b"Return-Path: <", sender, b">\n"]
-        for r in rcpts:
-            head += (b"X-Envelope-To: <", r, b">\n")
-        _write_all(fd, b"".join(head))
+        _write_all(fd, head)
         try:
             os.lseek(message, 0, os.SEEK_SET)
         except OSError:
@@ -286,7 +306,8 @@ def _write_final(message, env_fd, maildir, host):
         except OSError:
             raise _Exit(53) from None
         try:
-            name = _link_new(new_fd, tmp_path or "/proc/self/fd/%d" % fd, host)
+            name = _link_new(new_fd, tmp_path or "/proc/self/fd/%d" % fd, host,
+                             unnamed=tmp_path is None)
             try:
                 _fsync_dir(new_fd)
             except _Exit:

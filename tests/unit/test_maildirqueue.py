@@ -328,3 +328,23 @@ def test_no_o_tmpfile_here_means_named_files_from_then_on(tmp_path, monkeypatch)
     assert deliver_here(md, b"x\n", b"Fa@b\0Tc@d\0\0") == 0
     assert maildirqueue._tmpfile is False
     assert len(files(md / "new")) == 1 and files(md / "tmp") == []
+
+
+def test_no_link_through_proc_here_means_named_files_this_message_included(tmp_path, monkeypatch):
+    """A sandbox where /proc/self/fd cannot be linked from: the message still
+    goes into new/ (by a named file in tmp/), and later ones go that way."""
+    import errno
+    monkeypatch.setattr(maildirqueue, "_tmpfile", True)
+    real = os.link
+
+    def refusing(src, dst, **kw):
+        if str(src).startswith("/proc/"):
+            raise OSError(errno.EPERM, os.strerror(errno.EPERM))
+        return real(src, dst, **kw)
+    monkeypatch.setattr(maildirqueue.os, "link", refusing)
+    md = tmp_path / "md"
+    assert deliver_here(md, b"x\n", b"Fa@b\0Tc@d\0\0") == 0
+    assert maildirqueue._tmpfile is False
+    [name] = files(md / "new")
+    assert (md / "new" / name).read_bytes() == b"Return-Path: <a@b>\nX-Envelope-To: <c@d>\nx\n"
+    assert files(md / "tmp") == []
