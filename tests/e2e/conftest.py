@@ -125,6 +125,23 @@ def proc_stat(pid):
     return ProcStat(fields[0], int(fields[1]), int(fields[2]), int(fields[3]))
 
 
+def free_port() -> int:
+    """A 127.0.0.1 port nothing listens on (just now)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop_process(proc, timeout=10):
+    """End a daemon a test started (by its pid): SIGTERM, SIGKILL after TIMEOUT."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def wait_for(pred, timeout, what):
     deadline = time.monotonic() + timeout
     while True:

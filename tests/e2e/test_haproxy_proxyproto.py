@@ -16,6 +16,8 @@ import pytest
 from qspp.proxyproto import read_header
 from qspp.tcpenv import proxied_environ
 
+from .conftest import free_port, stop_process
+
 HAPROXY = shutil.which("haproxy")
 
 CONFIG = """global
@@ -39,11 +41,6 @@ backend health
     server s 127.0.0.1:{backend} send-proxy-v2 check check-send-proxy inter 200ms
 """
 
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -106,18 +103,9 @@ def start_haproxy(tmp_path, config, probe_port):
             return proc
         except OSError:
             if proc.poll() is not None or time.monotonic() > deadline:
-                stop_haproxy(proc)
+                stop_process(proc, 5)
                 raise RuntimeError((tmp_path / "haproxy.log").read_text())
             time.sleep(0.05)
-
-
-def stop_haproxy(proc):
-    proc.terminate()
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 @pytest.fixture
@@ -133,7 +121,7 @@ def haproxy(tmp_path, backend):
     try:
         yield p1, p2, got
     finally:
-        stop_haproxy(proc)
+        stop_process(proc, 5)
 
 
 def through(port, got, version):
@@ -252,7 +240,7 @@ def test_untrusted_proxy_line_is_a_bad_command(tmp_path, home):
                                b"  by 0 with SMTP; <D>\nhi\n")
     finally:
         if proc is not None:
-            stop_haproxy(proc)
+            stop_process(proc, 5)
         srv.stop()
 
 

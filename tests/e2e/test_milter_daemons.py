@@ -12,13 +12,14 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import pytest
+
+from .conftest import free_port
 
 OK = b"250 ok\r\n"
 GO = b"354 go ahead\r\n"
@@ -32,11 +33,6 @@ def need(*tools):
                 pytest.fail(tool + " is not installed")
             pytest.skip(tool + " is not installed")
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Daemon:

@@ -27,7 +27,7 @@ import time
 
 import pytest
 
-from .conftest import TCPSERVER, wait_for
+from .conftest import TCPSERVER, free_port, stop_process, wait_for
 
 
 def need(tool):
@@ -38,11 +38,6 @@ def need(tool):
         pytest.skip("%s is not installed" % tool)
     return path
 
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def listening(port):
@@ -59,15 +54,6 @@ def gone(pid):
             return f.read().rsplit(b")", 1)[1].split()[0] == b"Z"
     except OSError:
         return True
-
-
-def stop(proc):
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def me():
@@ -96,7 +82,7 @@ def postgrey(tmp_path):
         assert proc.poll() is None, (tmp_path / "postgrey.log").read_text()
         yield port
     finally:
-        stop(proc)
+        stop_process(proc)
 
 
 GREYLISTED = (b"450 4.2.0 <x@example.org>: Recipient address rejected: Greylisted,"
@@ -270,7 +256,7 @@ def policyd_spf(tmp_path):
             os.killpg(proc.pid, signal.SIGTERM)
         except ProcessLookupError:
             pass
-        stop(proc)
+        stop_process(proc)
 
 
 def spf_header(home, smtpd, ip, helo, mail):

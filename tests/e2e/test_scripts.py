@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from .conftest import free_port
+
 REPO = Path(__file__).resolve().parents[2]
 SCRIPTS = REPO / "scripts"
 SRC = REPO / "src"
@@ -31,11 +33,6 @@ SHOW_ENV = ('[connection]\n:echo "P220-relay=${RELAYCLIENT-unset} spplog=${SPPLO
             ' ip=$TCPREMOTEIP local=$TCPLOCALIP proto=${PROTO-unset}'
             ' host=${TCPREMOTEHOST-unset}"\n')
 
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_home(base):

@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from .conftest import normalize_date, wait_for
+from .conftest import free_port, normalize_date, wait_for
 from .serve_harness import ServeServer
 from .test_ipv6 import DUMP_PLUGIN, _rules_cdb, envdump, smtp, tcp_vars  # noqa: F401 - envdump is a fixture
 from .test_serve import make_rules, serve  # noqa: F401 - the fixture
@@ -148,11 +148,6 @@ HEALTH = """backend health
     server s 127.0.0.1:{backend} send-proxy-v2 check check-send-proxy inter 300ms
 """
 
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class HAProxy:
