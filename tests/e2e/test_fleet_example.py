@@ -9,10 +9,10 @@ import subprocess
 import time
 from pathlib import Path
 
-from .conftest import QmailHome, wait_for
+from .conftest import QmailHome, free_port, stop_process, wait_for
 from .serve_harness import ServeServer
 from .test_ipv6 import smtp
-from .test_policy_daemons import free_port, listening, me, need, stop
+from .test_policy_daemons import listening, me, need
 from .test_serve import make_rules
 from .test_serve_ipv6_proxy import HAPROXY, connect
 
@@ -124,8 +124,8 @@ def test_two_nodes_behind_haproxy_share_greylisting(home, tmp_path):
             assert not [ln for ln in node.lines() if b"proxy: closed" in ln]
     finally:
         if haproxy is not None:
-            stop(haproxy)
+            stop_process(haproxy)
         for node in nodes:
             node.stop()
-        stop(pg)
+        stop_process(pg)
         pg_log.close()

@@ -9,9 +9,8 @@ import socket
 import threading
 import time
 
-from .conftest import SRC, wait_for
+from .conftest import SRC, free_port, wait_for
 from .serve_harness import ServeServer
-from .test_policy_daemons import free_port
 from .test_serve_metrics import scrape, values
 
 THREADS = 4
