@@ -1,0 +1,89 @@
+"""smtpd.Connection's raw writes on the two kinds of client descriptor: blocking
+(tcpserver's fds, waited for with poll before each write) and non-blocking (a
+`qspp serve` worker's own socket, written at once and waited for only when the
+socket's buffer is full).  Both keep the write timeout (spec §7)."""
+
+import fcntl
+import os
+import socket
+import threading
+import time
+
+import pytest
+
+from qspp import smtpd
+
+
+class _Session:
+    out = bytearray()
+    flush_soon = False
+
+
+@pytest.fixture(params=[False, True], ids=["blocking", "nonblocking"])
+def pair(request, monkeypatch):
+    monkeypatch.setattr(smtpd, "nonblocking_client", request.param)
+    ours, peer = socket.socketpair()
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    ours.setblocking(not request.param)
+    yield ours, peer, request.param
+    ours.close()
+    peer.close()
+
+
+def _connection(sock, timeout):
+    return smtpd.Connection(_Session(), timeout, sock.fileno(), sock.fileno())
+
+
+def test_a_reply_larger_than_the_buffers_arrives_whole_and_in_order(pair):
+    ours, peer, nonblocking = pair
+    data = bytes(range(256)) * 4096          # 1 MiB: many times what the buffers hold
+    got = bytearray()
+
+    def drain():
+        peer.settimeout(10)
+        while len(got) < len(data):
+            chunk = peer.recv(65536)
+            if not chunk:
+                return
+            got.extend(chunk)
+            time.sleep(0.001)                 # a slow reader: the writer must wait
+    reader = threading.Thread(target=drain)
+    reader.start()
+    _connection(ours, 10)._raw_write(data)
+    reader.join(10)
+    assert bytes(got) == data
+    assert bool(fcntl.fcntl(ours.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK) is nonblocking
+
+
+def test_a_client_that_never_reads_meets_the_write_timeout(pair):
+    ours, peer, _ = pair
+    conn = _connection(ours, 1)
+    t0 = time.monotonic()
+    with pytest.raises(smtpd._Exit) as ex:
+        # replies, as a pipelining flood makes them; a blocking write of more
+        # than the buffer holds would wait inside write() where poll cannot time it
+        for _ in range(100000):
+            conn._raw_write(b"250 ok\r\n" * 50)
+    took = time.monotonic() - t0
+    assert (ex.value.status, ex.value.end) == (1, "write timeout")
+    assert 0.9 <= took < 3
+
+
+def test_a_write_to_a_closed_client_is_a_write_error(pair):
+    ours, peer, _ = pair
+    peer.close()
+    with pytest.raises(smtpd._Exit) as ex:
+        _connection(ours, 5)._raw_write(b"250 ok\r\n" * 10000)
+    assert (ex.value.status, ex.value.end) == (1, "write error")
+
+
+def test_a_read_waits_for_the_client_and_keeps_its_timeout(pair):
+    ours, peer, _ = pair
+    conn = _connection(ours, 1)
+    threading.Timer(0.2, peer.sendall, (b"QUIT\r\n",)).start()
+    assert conn._raw_read() == b"QUIT\r\n"
+    t0 = time.monotonic()
+    with pytest.raises(smtpd._Timeout):
+        conn._raw_read()
+    assert 0.9 <= time.monotonic() - t0 < 3
