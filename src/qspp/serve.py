@@ -924,7 +924,6 @@ class Worker:
         # nothing open, so smtpd.run need not look again
         spprun.cloexec_inherited_fds()
         smtpd.mark_inherited_fds = False
-        smtpd.nonblocking_client = True
         spprun.null_stdin()  # opened now, it is not taken for a session's leftover
         self.fds = _open_fds()
         self.rss = _max_rss_kb()
@@ -972,7 +971,7 @@ class Worker:
                         conn, peer = s.accept()
                     except (BlockingIOError, ConnectionAbortedError):
                         continue
-                    conn.setblocking(False)  # smtpd.nonblocking_client
+                    conn.setblocking(True)
                     return conn, peer
         return None
 

@@ -62,34 +62,24 @@ class Connection:
     # their frames to tell a session waiting for its client.
     def _raw_write(self, data) -> None:
         view = memoryview(data)
-        # on a non-blocking connection the wait comes only when a write would block
-        wait = not nonblocking_client
         try:
             while view:
-                if wait:
-                    ms = self._timeout_ms
-                    while not self._writable.poll(min(ms, _MAX_POLL_MS)):
-                        ms -= _MAX_POLL_MS
-                        if ms <= 0:
-                            raise _Exit(1, "write timeout")  # silently, spec §7
-                try:
-                    view = view[posix.write(self.wfd, view):]
-                except BlockingIOError:
-                    wait = True
+                ms = self._timeout_ms
+                while not self._writable.poll(min(ms, _MAX_POLL_MS)):
+                    ms -= _MAX_POLL_MS
+                    if ms <= 0:
+                        raise _Exit(1, "write timeout")  # silently, spec §7
+                view = view[posix.write(self.wfd, view):]
         except OSError:
             raise _Exit(1, "write error")
 
     def _raw_read(self) -> bytes:
-        while True:
-            ms = self._timeout_ms
-            while not self._readable.poll(min(ms, _MAX_POLL_MS)):
-                ms -= _MAX_POLL_MS
-                if ms <= 0:
-                    raise _Timeout()
-            try:
-                return posix.read(self.rfd, READ_SIZE)
-            except BlockingIOError:
-                pass  # readable, then not after all: wait again
+        ms = self._timeout_ms
+        while not self._readable.poll(min(ms, _MAX_POLL_MS)):
+            ms -= _MAX_POLL_MS
+            if ms <= 0:
+                raise _Timeout()
+        return posix.read(self.rfd, READ_SIZE)
 
     def flush(self) -> None:
         out = self.session.out
@@ -278,12 +268,6 @@ Observer = None
 # starts, and ends after any session that leaves one open: it sets this to
 # False.  A process that runs one session marks them here, at its start.
 mark_inherited_fds = True
-
-# True where fds 0/1 are a non-blocking socket no other process holds (a `qspp
-# serve` worker's client): a reply is then written at once, and poll() is
-# asked only when the socket's buffer is full.  Under tcpserver fds 0/1 stay as
-# they came, blocking, as other processes may share them.
-nonblocking_client = False
 
 
 def run(argv, environ) -> int:

@@ -1,10 +1,7 @@
-"""smtpd.Connection's raw writes on the two kinds of client descriptor: blocking
-(tcpserver's fds, waited for with poll before each write) and non-blocking (a
-`qspp serve` worker's own socket, written at once and waited for only when the
-socket's buffer is full).  Both keep the write timeout (spec §7)."""
+"""smtpd.Connection's raw reads and writes on the client's descriptors: each
+waits in poll() under timeoutsmtpd (spec §7), and a client that stops reading
+or has gone ends the session with the exit it gets in qmail."""
 
-import fcntl
-import os
 import socket
 import threading
 import time
@@ -19,14 +16,12 @@ class _Session:
     flush_soon = False
 
 
-@pytest.fixture(params=[False, True], ids=["blocking", "nonblocking"])
-def pair(request, monkeypatch):
-    monkeypatch.setattr(smtpd, "nonblocking_client", request.param)
+@pytest.fixture
+def pair():
     ours, peer = socket.socketpair()
     ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    ours.setblocking(not request.param)
-    yield ours, peer, request.param
+    yield ours, peer
     ours.close()
     peer.close()
 
@@ -36,7 +31,7 @@ def _connection(sock, timeout):
 
 
 def test_a_reply_larger_than_the_buffers_arrives_whole_and_in_order(pair):
-    ours, peer, nonblocking = pair
+    ours, peer = pair
     data = bytes(range(256)) * 4096          # 1 MiB: many times what the buffers hold
     got = bytearray()
 
@@ -53,11 +48,10 @@ def test_a_reply_larger_than_the_buffers_arrives_whole_and_in_order(pair):
     _connection(ours, 10)._raw_write(data)
     reader.join(10)
     assert bytes(got) == data
-    assert bool(fcntl.fcntl(ours.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK) is nonblocking
 
 
 def test_a_client_that_never_reads_meets_the_write_timeout(pair):
-    ours, peer, _ = pair
+    ours, peer = pair
     conn = _connection(ours, 1)
     t0 = time.monotonic()
     with pytest.raises(smtpd._Exit) as ex:
@@ -71,7 +65,7 @@ def test_a_client_that_never_reads_meets_the_write_timeout(pair):
 
 
 def test_a_write_to_a_closed_client_is_a_write_error(pair):
-    ours, peer, _ = pair
+    ours, peer = pair
     peer.close()
     with pytest.raises(smtpd._Exit) as ex:
         _connection(ours, 5)._raw_write(b"250 ok\r\n" * 10000)
@@ -79,7 +73,7 @@ def test_a_write_to_a_closed_client_is_a_write_error(pair):
 
 
 def test_a_read_waits_for_the_client_and_keeps_its_timeout(pair):
-    ours, peer, _ = pair
+    ours, peer = pair
     conn = _connection(ours, 1)
     threading.Timer(0.2, peer.sendall, (b"QUIT\r\n",)).start()
     assert conn._raw_read() == b"QUIT\r\n"
