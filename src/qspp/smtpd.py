@@ -23,6 +23,11 @@ from .session import COMMAND, DATA, CLOSED, MAX_COMMAND, Fatal, Session
 from .spprun import run_entry, cloexec_inherited_fds
 
 READ_SIZE = 131072
+# One write after one poll(): what POLLOUT promises room for on a pipe
+# (PIPE_BUF), and far below what it does on a socket.  A larger blocking
+# write, with a client that has stopped reading, would wait inside write()
+# where the write timeout cannot end it (qmail writes 512 bytes at a time).
+WRITE_MAX = 4096
 # poll() takes a C int of milliseconds; a longer timeoutsmtpd waits in steps
 _MAX_POLL_MS = 2000000000
 
@@ -69,7 +74,7 @@ class Connection:
                     ms -= _MAX_POLL_MS
                     if ms <= 0:
                         raise _Exit(1, "write timeout")  # silently, spec §7
-                view = view[posix.write(self.wfd, view):]
+                view = view[posix.write(self.wfd, view[:WRITE_MAX]):]
         except OSError:
             raise _Exit(1, "write error")
 

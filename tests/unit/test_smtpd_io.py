@@ -55,13 +55,36 @@ def test_a_client_that_never_reads_meets_the_write_timeout(pair):
     conn = _connection(ours, 1)
     t0 = time.monotonic()
     with pytest.raises(smtpd._Exit) as ex:
-        # replies, as a pipelining flood makes them; a blocking write of more
-        # than the buffer holds would wait inside write() where poll cannot time it
+        # replies, as a session writes them between reads
         for _ in range(100000):
             conn._raw_write(b"250 ok\r\n" * 50)
     took = time.monotonic() - t0
     assert (ex.value.status, ex.value.end) == (1, "write timeout")
     assert 0.9 <= took < 3
+
+
+def test_one_large_write_to_a_client_that_never_reads_still_times_out(pair):
+    """A flush far larger than the buffers (a pipelining flood's replies) goes
+    out in pieces, each after its own poll(): none can block in write()."""
+    ours, peer = pair
+    ended = []
+
+    def write():
+        try:
+            _connection(ours, 1)._raw_write(b"250 ok\r\n" * 100000)
+        except smtpd._Exit as ex:
+            ended.append((ex.status, ex.end))
+    writer = threading.Thread(target=write, daemon=True)
+    t0 = time.monotonic()
+    writer.start()
+    writer.join(10)
+    blocked = writer.is_alive()
+    if blocked:
+        peer.close()  # the blocked write fails, and the thread ends
+        writer.join(10)
+    assert not blocked, "the write blocked past its timeout"
+    assert ended == [(1, "write timeout")]
+    assert 0.9 <= time.monotonic() - t0 < 3
 
 
 def test_a_write_to_a_closed_client_is_a_write_error(pair):
