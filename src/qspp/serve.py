@@ -693,8 +693,8 @@ class _EmbeddedQueue:
 
     The script would start a new interpreter for every message.  Instead the
     session delivers itself (_InProcessQueue), running maildirqueue's own
-    delivery, so the durability and the replies are the script's.  Any other program (QMAILQUEUE set by a rule, say) is spawned
-    as usual.
+    delivery, so the durability and the replies are the script's.  Any other
+    program (QMAILQUEUE set by a rule, say) is spawned as usual.
     """
 
     program = None     # the embedded home's queue script
