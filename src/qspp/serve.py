@@ -103,7 +103,7 @@ import socket
 import sys
 import time
 
-from . import diagnose, home as homes, smtpd, spprun, tcpenv
+from . import diagnose, home as homes, smtpd, spawn, spprun, tcpenv
 from .diag import log
 from .tcprules import Rules, RulesError, signature
 
@@ -925,6 +925,9 @@ class Worker:
         spprun.cloexec_inherited_fds()
         smtpd.mark_inherited_fds = False
         spprun.null_stdin()  # opened now, it is not taken for a session's leftover
+        # the signal state just set is kept for good (a session's own changes
+        # are put back after it): plugins and the queue can start by vfork
+        spawn.use_vfork()
         self.fds = _open_fds()
         self.rss = _max_rss_kb()
         served = 0

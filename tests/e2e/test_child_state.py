@@ -117,3 +117,37 @@ def test_children_get_netqmail_signal_state(home, smtpd, dumping):
     for who in ("plugin", "queue"):
         sig = signals(read(dumping, who, "sig"))
         assert sig == {b"SigBlk": b"0000000000000000", b"SigIgn": b"0000000000001000"}, who
+
+
+class _ServeIgnoring(ServeServer):
+    """qspp serve started as a shell's background job would be: SIGINT and
+    SIGQUIT ignored (`trap ''` survives exec)."""
+
+    def command(self):
+        return ["/bin/sh", "-c", "trap '' INT QUIT; exec \"$@\"", "sh"] + ServeServer.command(self)
+
+
+@pytest.mark.parametrize("started", ["plain", "ignoring"])
+def test_serve_children_get_netqmail_signal_state(home, dumping, tmp_path, started):
+    """The same state from a serve worker.  A worker whose own state is
+    netqmail's starts children by vfork, which hands on what is ignored and
+    blocked (CPython's own SIGXFSZ ignore included: defaulted for the spawn);
+    one that inherited more ignored signals keeps posix_spawn, which resets
+    them.  Either way the child sees only SIGPIPE ignored."""
+    server = (_ServeIgnoring if started == "ignoring" else ServeServer)(home, tmp_path / "serve")
+    server.start()
+    try:
+        c = server.connect()
+        transaction(c)
+        c.cmd(b"QUIT")
+        for who in ("plugin", "queue"):
+            sig = signals(read(dumping, who, "sig"))
+            assert sig == {b"SigBlk": b"0000000000000000", b"SigIgn": b"0000000000001000"}, who
+        if started == "ignoring":
+            # what the worker itself was left with: the reason it keeps posix_spawn
+            worker = [p for p in server.children()][0]
+            with open("/proc/%d/status" % worker) as f:
+                ign = [line for line in f if line.startswith("SigIgn:")][0]
+            assert int(ign.split()[1], 16) & (1 << (3 - 1))  # SIGQUIT
+    finally:
+        server.stop()

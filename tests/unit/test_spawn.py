@@ -27,16 +27,47 @@ def masks(keep_sigpipe=True, pgroup=False):
     return {line.split(b":")[0]: int(line.split()[1], 16) for line in out.splitlines()}
 
 
-@pytest.fixture(params=["libc", "fallback"])
+@pytest.fixture
+def provable():
+    """The signal state use_vfork() accepts, whatever this test run inherited
+    (a shell's background job ignores SIGINT and SIGQUIT); put back after."""
+    ignored = {s: signal.getsignal(s) for s in signal.valid_signals()
+               if s not in (signal.SIGKILL, signal.SIGSTOP, signal.SIGPIPE, signal.SIGXFSZ)
+               and signal.getsignal(s) == signal.SIG_IGN}
+    for s in ignored:
+        signal.signal(s, signal.SIG_DFL)
+    mask = signal.pthread_sigmask(signal.SIG_SETMASK, ())
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    yield
+    spawn.stop_vfork()
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    for s, h in ignored.items():
+        signal.signal(s, h)
+
+
+@pytest.fixture(params=["libc", "fallback", "vfork"])
 def mode(request, monkeypatch):
     if request.param == "fallback":
         monkeypatch.setattr(spawn, "_libc", False)
+    elif request.param == "vfork":
+        request.getfixturevalue("provable")
+        if not spawn.use_vfork():
+            pytest.skip("vfork through _posixsubprocess is for CPython 3.11 to 3.13 on Linux")
     elif not spawn._load():
         pytest.skip("no C library posix_spawn through _ctypes here")
     return request.param
 
 
 def test_signal_state(mode):
+    if mode == "vfork":
+        # its promise holds for the state use_vfork() proved, which a serve
+        # worker keeps: no signal ignored or blocked but SIGPIPE
+        kept, none = masks(), masks(keep_sigpipe=False)
+        assert kept == {b"SigBlk": 0, b"SigIgn": PIPE_BIT}
+        assert none == {b"SigBlk": 0, b"SigIgn": 0}
+        # CPython's own SIGXFSZ ignore is back in the parent after each
+        assert signal.getsignal(signal.SIGXFSZ) == signal.SIG_IGN
+        return
     old = signal.signal(signal.SIGHUP, signal.SIG_IGN)
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
     try:
@@ -156,3 +187,39 @@ def test_reused_file_actions_and_argv(mode, tmp_path):
     pid = spawn.spawn(b"/bin/sh", [b"sh", b"-c", b'test "$(cat)" = ""'], {},
                       ((spawn.OPEN, 0, b"/dev/null", os.O_RDONLY, 0),))
     assert os.waitpid(pid, 0)[1] == 0
+
+
+def test_use_vfork_only_for_a_proved_signal_state(provable):
+    """A signal ignored (other than SIGPIPE, and CPython's SIGXFSZ) or blocked
+    would reach a vfork child: use_vfork() then says no and posix_spawn stays."""
+    if not spawn.use_vfork():
+        pytest.skip("vfork through _posixsubprocess is for CPython 3.11 to 3.13 on Linux")
+    spawn.stop_vfork()
+    old = signal.signal(signal.SIGQUIT, signal.SIG_IGN)
+    try:
+        assert not spawn.use_vfork()
+    finally:
+        signal.signal(signal.SIGQUIT, old)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+    try:
+        assert not spawn.use_vfork()
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
+    assert spawn._forker is None
+    assert masks() == {b"SigBlk": 0, b"SigIgn": PIPE_BIT}
+    assert spawn.use_vfork()
+
+
+def test_vfork_exec_errors_are_reaped(mode, tmp_path):
+    """A failed exec is the spawn's OSError, and the child that reported it
+    is reaped: no zombie is left for a later wait to find."""
+    script = tmp_path / "noexec"
+    script.write_bytes(b"#!/bin/sh\n")
+    script.chmod(0o644)
+    for path, err in ((tmp_path / "none", errno.ENOENT), (script, errno.EACCES),
+                      (tmp_path, errno.EACCES)):
+        with pytest.raises(OSError) as ei:
+            spawn.spawn(os.fsencode(path), [b"x"], {})
+        assert (ei.value.errno, ei.value.filename) == (err, os.fsencode(path))
+    with pytest.raises(ChildProcessError):
+        os.waitpid(-1, os.WNOHANG)
