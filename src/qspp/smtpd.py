@@ -16,7 +16,7 @@ import time
 import _signal
 from select import poll, POLLIN, POLLOUT
 
-from . import control, replies, spp, sppconfig, startup
+from . import control, replies, spawn, spp, sppconfig, startup
 from .diag import log
 from .queue import Queue, QueueStartError, queue_program
 from .session import COMMAND, DATA, CLOSED, MAX_COMMAND, Fatal, Session
@@ -357,6 +357,8 @@ def main() -> None:
     # A parent that ignores SIGCHLD (swaks --pipe does) would make the kernel reap
     # qmail-queue for us: waitpid would fail and a queued message get a 451.
     _signal.signal(_signal.SIGCHLD, _signal.SIG_DFL)
+    # that state stays: plugins and the queue may start by vfork if it is netqmail's
+    spawn.prefer_vfork()
     try:
         status = run([a.encode(sys.getfilesystemencoding(), sys.getfilesystemencodeerrors())
                       for a in sys.argv[1:]], posix.environ)

@@ -374,8 +374,20 @@ def use_vfork() -> bool:
 
 
 def stop_vfork() -> None:
-    global _forker
+    global _forker, _vfork_wanted
     _forker = None
+    _vfork_wanted = False
+
+
+_vfork_wanted = False
+
+
+def prefer_vfork() -> None:
+    """use_vfork() at this process's first spawn: for qspp.smtpd under
+    tcpserver, which sets its signal state once at its start and keeps it,
+    so that a session that starts no child pays nothing for the check."""
+    global _vfork_wanted
+    _vfork_wanted = True
 
 
 def _load():
@@ -398,6 +410,10 @@ def spawn(path, argv, env, file_actions=(), pgroup=False, keep_sigpipe=True, sea
     ignored (plugins, qmail-queue); else it too is set to default (checkprogram).
     search: look `path` up on PATH (posix_spawnp).
     """
+    global _vfork_wanted
+    if _vfork_wanted:
+        _vfork_wanted = False
+        use_vfork()
     if _forker is not None and not search:
         fds = _std_dups(file_actions)
         if fds is not None:
