@@ -56,6 +56,13 @@ def transaction(c):
     assert c.cmd(b"hi\r\n.").startswith(b"250 ok ")
 
 
+def one_message(server):
+    """A session that queues one message and quits."""
+    c = server.connect()
+    transaction(c)
+    c.cmd(b"QUIT")
+
+
 def read(out, who, ext):
     p = out / (who + "." + ext)
     wait_for(p.exists, 5, str(p))
@@ -96,9 +103,7 @@ def test_serve_children_get_no_coerced_locale(home, dumping, tmp_path):
     """`qspp serve` started with no locale variable: none in any child's environment."""
     server = ServeServer(home, tmp_path / "serve").start()
     try:
-        c = server.connect()
-        transaction(c)
-        c.cmd(b"QUIT")
+        one_message(server)
         for who in ("plugin", "queue"):
             got = environ(read(dumping, who, "env"))
             assert not any(k.startswith(b"LC_") for k in got), (who, got)
@@ -111,9 +116,7 @@ def test_children_get_netqmail_signal_state(home, smtpd, dumping):
     """Nothing blocked, only SIGPIPE (bit 13) ignored: what a child
     of netqmail's qmail-smtpd shows.  glibc's posix_spawn left signals 32 and 33
     (its own) ignored: SigIgn 0000000180001000."""
-    c = smtpd.connect()
-    transaction(c)
-    c.cmd(b"QUIT")
+    one_message(smtpd)
     for who in ("plugin", "queue"):
         sig = signals(read(dumping, who, "sig"))
         assert sig == {b"SigBlk": b"0000000000000000", b"SigIgn": b"0000000000001000"}, who
@@ -137,15 +140,13 @@ def test_serve_children_get_netqmail_signal_state(home, dumping, tmp_path, start
     server = (_ServeIgnoring if started == "ignoring" else ServeServer)(home, tmp_path / "serve")
     server.start()
     try:
-        c = server.connect()
-        transaction(c)
-        c.cmd(b"QUIT")
+        one_message(server)
         for who in ("plugin", "queue"):
             sig = signals(read(dumping, who, "sig"))
             assert sig == {b"SigBlk": b"0000000000000000", b"SigIgn": b"0000000000001000"}, who
         if started == "ignoring":
             # what the worker itself was left with: the reason it keeps posix_spawn
-            worker = [p for p in server.children()][0]
+            worker = min(server.children())
             with open("/proc/%d/status" % worker) as f:
                 ign = [line for line in f if line.startswith("SigIgn:")][0]
             assert int(ign.split()[1], 16) & (1 << (3 - 1))  # SIGQUIT
