@@ -28,7 +28,7 @@ def load(env, auth=None) -> Settings:
     s.localiphost = me if localiphost is None else localiphost
     s.timeout = control.timeout_smtpd(control.read_int(b"control/timeoutsmtpd", signed=True))
     s.rcpthosts = control.Rcpthosts.load()
-    s.badmailfrom = control.Badmailfrom(control.read_list(b"control/badmailfrom"))
+    s.badmailfrom = control.Badmailfrom.load(b"control/badmailfrom")
     s.databytes = control.databytes(control.read_int(b"control/databytes"), env.get(b"DATABYTES"))
     s.relayclient = env.get(b"RELAYCLIENT")
     s.remotehost = env.get(b"TCPREMOTEHOST")

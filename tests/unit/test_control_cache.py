@@ -23,6 +23,7 @@ def home(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "control").mkdir()
     monkeypatch.setattr(control, "_cache", {})
+    monkeypatch.setattr(control, "_sets", {})
     return tmp_path
 
 
@@ -196,3 +197,25 @@ def test_fresh_plugin_list_is_read_each_time(spp_home):
     load_config({})
     load_config({})
     assert spp_home == [b"control/smtpplugins"] * 2
+
+
+def test_rcpthosts_and_badmailfrom_sets_are_built_once_per_content(home, settled):
+    """A worker builds the lookup sets again only when the file changed: the
+    same content read again gives the very same set, a change a new one that
+    answers by the new content from the next connection on."""
+    put("control/rcpthosts", b"Example.ORG\n.example.net\n")
+    put("control/badmailfrom", b"Bad@Spam.example\n")
+    first, again = control.Rcpthosts.load(), control.Rcpthosts.load()
+    assert first._hosts is again._hosts == {b"example.org", b".example.net"}
+    bmf = control.Badmailfrom.load()
+    assert bmf._entries is control.Badmailfrom.load()._entries == {b"bad@spam.example"}
+    assert bmf.flags(b"BAD@spam.example")
+    next_tick()
+    put("control/rcpthosts", b"example.com\n")
+    put("control/badmailfrom", b"other@spam.example\n")
+    changed = control.Rcpthosts.load()
+    assert changed._hosts == {b"example.com"}
+    assert changed.allows(b"x@example.com") and not changed.allows(b"x@example.org")
+    assert not control.Badmailfrom.load().flags(b"bad@spam.example")
+    os.unlink("control/rcpthosts")
+    assert control.Rcpthosts.load().allows(b"x@anywhere.example")  # absent: all allowed
