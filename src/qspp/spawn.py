@@ -11,14 +11,16 @@ bits are set directly.  _ctypes (not the ctypes package: a third of the import
 cost) is loaded at the first spawn, never at import.  Where that is not
 possible, os.posix_spawn does the job without the two internal signals.
 
-A serve worker, whose signal state is fixed and proved, spawns by vfork
-instead (use_vfork): cheaper, and the same state in the child.
+A process whose signal state is fixed and proved (a serve worker, qspp.smtpd
+under tcpserver) spawns by vfork instead (use_vfork): cheaper, and the same
+state in the child.
 
 spawn() takes the arguments os.posix_spawn takes that qspp uses, raises what it
 raises: OSError (errno of the failed spawn or exec) and ValueError (NUL in a
 string, an environment name with `=` or empty).
 """
 
+import _thread
 import posix
 import sys
 
@@ -268,8 +270,10 @@ class _Forker:
 
     glibc's posix_spawn maps and unmaps a fresh stack for every child; the
     child takes page faults on it, and the unmap flushes the other CPU's TLB.
-    A vfork child runs on the parent's stack and needs none of that: about
-    25 us less per spawn here, five spawns a message in a serve worker.
+    A vfork child runs on the parent's stack and needs none of that (0 to
+    25 us less CPU per spawn here, by `scripts/bench spawn` and perf stat),
+    and its first use in a new interpreter costs 0.5 ms where loading
+    posix_spawn through _ctypes costs 0.9 ms.
     _posixsubprocess.fork_exec is private, so it is used only on the CPython
     versions whose argument list is known (the same 23 arguments from 3.11
     to 3.13), and only from a process whose signal state has been proved to
@@ -277,8 +281,9 @@ class _Forker:
     restores the parent's mask, but leaves ignored signals ignored.
     """
 
-    def __init__(self, fork_exec):
+    def __init__(self, fork_exec, thread):
         self.fork_exec = fork_exec
+        self.thread = thread  # signal.signal works in the main thread only
         self.envs = _Envs(list)
         self.argvs = {}  # argv tuples, checked once
 
@@ -349,10 +354,11 @@ def use_vfork() -> bool:
 
     For a process that keeps its signal state for good, as a serve worker
     does: the kernel must show no signal blocked and none ignored but
-    SIGPIPE, because a vfork child inherits both; spawn() then holds the
-    same promise as through posix_spawn.  Every spawn after this one relies
-    on the state staying so; qspp.smtpd itself only ever ignores SIGPIPE and
-    defaults SIGCHLD.
+    SIGPIPE (and SIGXFSZ, CPython's own, defaulted around each spawn),
+    because a vfork child inherits both; spawn() then holds the same promise
+    as through posix_spawn.  Every spawn after this one relies on the state
+    staying so; qspp.smtpd itself only ever ignores SIGPIPE and defaults
+    SIGCHLD.  Spawns from other threads than this one keep posix_spawn.
     """
     global _forker
     if (_signal is None or sys.implementation.name != "cpython"
@@ -369,7 +375,7 @@ def use_vfork() -> bool:
         return False
     if blocked or ignored & ~(1 << (_SIGPIPE - 1)) & ~(1 << (_SIGXFSZ - 1)):
         return False
-    _forker = _Forker(fork_exec)
+    _forker = _Forker(fork_exec, _thread.get_ident())
     return True
 
 
@@ -414,7 +420,7 @@ def spawn(path, argv, env, file_actions=(), pgroup=False, keep_sigpipe=True, sea
     if _vfork_wanted:
         _vfork_wanted = False
         use_vfork()
-    if _forker is not None and not search:
+    if _forker is not None and not search and _thread.get_ident() == _forker.thread:
         fds = _std_dups(file_actions)
         if fds is not None:
             return _forker.spawn(path, argv, env, fds[0], fds[1], pgroup, keep_sigpipe)

@@ -223,3 +223,16 @@ def test_vfork_exec_errors_are_reaped(mode, tmp_path):
         assert (ei.value.errno, ei.value.filename) == (err, os.fsencode(path))
     with pytest.raises(ChildProcessError):
         os.waitpid(-1, os.WNOHANG)
+
+
+def test_vfork_only_from_the_thread_that_proved_it(provable):
+    """signal.signal, which the vfork path needs for SIGXFSZ, works in the
+    main thread only: another thread's spawns keep posix_spawn, same state."""
+    if not spawn.use_vfork():
+        pytest.skip("vfork through _posixsubprocess is for CPython 3.11 to 3.13 on Linux")
+    import threading
+    got = []
+    t = threading.Thread(target=lambda: got.append(masks()))
+    t.start()
+    t.join()
+    assert got == [{b"SigBlk": 0, b"SigIgn": PIPE_BIT}]
