@@ -292,9 +292,13 @@ class _Forker:
             raise ValueError("embedded null byte")
         argv_l = _kept_argv(self.argvs, argv, tuple)
         env_l = self.envs.get(env)
-        # the child writes "OSError:<errno in hex>:..." here when exec fails;
-        # exec closes it, so EOF means the program runs
-        er, ew = posix.pipe2(posix.O_CLOEXEC)
+        # The child writes "OSError:<errno in hex>:..." here when exec fails,
+        # all of it before it exits, and the parent resumes only once the
+        # child has exited or its exec is past returning (use_vfork made
+        # sure vfork suspends it): nothing there now means the program runs.
+        # Exec closes the pipe only a while later; a blocking read would wait
+        # for that, 50 us a spawn here.
+        er, ew = posix.pipe2(posix.O_CLOEXEC | posix.O_NONBLOCK)
         try:
             # CPython ignores SIGXFSZ (a write past RLIMIT_FSIZE fails with
             # EFBIG instead), and the child would inherit that: default for
@@ -311,10 +315,15 @@ class _Forker:
                 if xfsz is not None:
                     _signal.signal(_SIGXFSZ, xfsz)
                 posix.close(ew)
-            report = more = posix.read(er, 256)
-            while more and len(report) < 4096:  # several writes; EOF when it exits
-                more = posix.read(er, 256)
-                report += more
+            report = b""
+            try:
+                while len(report) < 4096:  # written in several pieces
+                    more = posix.read(er, 256)
+                    if not more:
+                        break
+                    report += more
+            except BlockingIOError:
+                pass
         finally:
             posix.close(er)
         if not report:
@@ -375,8 +384,17 @@ def use_vfork() -> bool:
         return False
     if blocked or ignored & ~(1 << (_SIGPIPE - 1)) & ~(1 << (_SIGXFSZ - 1)):
         return False
-    _forker = _Forker(fork_exec, _thread.get_ident())
-    return True
+    forker = _Forker(fork_exec, _thread.get_ident())
+    # Where vfork is fork in disguise (some emulators; CPython also falls back
+    # to fork where vfork is refused) the parent does not wait, and an exec
+    # error would come too late to be seen: an exec that must fail shows it.
+    try:
+        pid = forker.spawn(b"/", [b"/"], {}, -1, -1, False, True)
+    except OSError:
+        _forker = forker
+        return True
+    posix.waitpid(pid, 0)
+    return False
 
 
 def stop_vfork() -> None:

@@ -3,6 +3,7 @@
 import errno
 import os
 import signal
+import sys
 
 import pytest
 
@@ -236,3 +237,22 @@ def test_vfork_only_from_the_thread_that_proved_it(provable):
     t.start()
     t.join()
     assert got == [{b"SigBlk": 0, b"SigIgn": PIPE_BIT}]
+
+
+def test_use_vfork_refuses_where_the_parent_does_not_wait(provable, monkeypatch):
+    """An exec error is looked for as soon as the spawn returns, which holds
+    only where vfork suspends the parent.  use_vfork() first runs an exec that
+    must fail; where no error shows at once (vfork done as fork), it says no."""
+    import _posixsubprocess
+    real = _posixsubprocess.fork_exec
+
+    def late(args, executables, *rest):
+        # as if the probe's error were still to come: its exec "succeeds"
+        return real([b"sh", b"-c", b"exit 255"], (b"/bin/sh",), *rest)
+    monkeypatch.setattr(_posixsubprocess, "fork_exec", late)
+    if sys.implementation.name != "cpython" or not (3, 11) <= sys.version_info[:2] <= (3, 13):
+        pytest.skip("vfork through _posixsubprocess is for CPython 3.11 to 3.13 on Linux")
+    assert not spawn.use_vfork()
+    assert spawn._forker is None
+    with pytest.raises(ChildProcessError):
+        os.waitpid(-1, os.WNOHANG)  # the probe was reaped
