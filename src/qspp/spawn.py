@@ -272,8 +272,8 @@ class _Forker:
     child takes page faults on it, and the unmap flushes the other CPU's TLB.
     A vfork child runs on the parent's stack and needs none of that (0 to
     25 us less CPU per spawn here, by `scripts/bench spawn` and perf stat),
-    and its first use in a new interpreter costs 0.5 ms where loading
-    posix_spawn through _ctypes costs 0.9 ms.
+    and its first use in a new interpreter costs 0.6 ms (its check included)
+    where loading posix_spawn through _ctypes costs 0.9 ms.
     _posixsubprocess.fork_exec is private, so it is used only on the CPython
     versions whose argument list is known (the same 23 arguments from 3.11
     to 3.13), and only from a process whose signal state has been proved to
