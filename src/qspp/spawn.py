@@ -39,6 +39,7 @@ except (ImportError, AttributeError):  # pragma: no cover - non-CPython
     _NSIG = 32
 
 _EINVAL = 22
+_EACCES = 13
 
 DUP2 = posix.POSIX_SPAWN_DUP2
 OPEN = posix.POSIX_SPAWN_OPEN
@@ -390,7 +391,9 @@ def use_vfork() -> bool:
     # error would come too late to be seen: an exec that must fail shows it.
     try:
         pid = forker.spawn(b"/", [b"/"], {}, -1, -1, False, True)
-    except OSError:
+    except OSError as e:
+        if e.errno != _EACCES:
+            return False  # no child to tell it (EAGAIN, ENOMEM): proves nothing
         _forker = forker
         return True
     posix.waitpid(pid, 0)

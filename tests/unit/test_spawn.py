@@ -256,3 +256,14 @@ def test_use_vfork_refuses_where_the_parent_does_not_wait(provable, monkeypatch)
     assert spawn._forker is None
     with pytest.raises(ChildProcessError):
         os.waitpid(-1, os.WNOHANG)  # the probe was reaped
+
+
+def test_use_vfork_refuses_when_the_probe_cannot_start(provable, monkeypatch):
+    """A spawn that fails in the parent (out of processes) proves nothing."""
+    import _posixsubprocess
+
+    def refused(*args):
+        raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
+    monkeypatch.setattr(_posixsubprocess, "fork_exec", refused)
+    assert not spawn.use_vfork()
+    assert spawn._forker is None
