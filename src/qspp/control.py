@@ -246,9 +246,14 @@ def read_lowered(path) -> "frozenset | None":
     hit = _sets.get(path)
     if hit is not None and hit[0] is data:
         return hit[1]
-    lowered = frozenset(e.lower() for e in _entries(data))
+    lowered = _lowered(_entries(data))
     _sets[path] = (data, lowered)
     return lowered
+
+
+def _lowered(entries) -> "frozenset | None":
+    """ENTRIES lowercased, as the set rcpthosts and badmailfrom look up in."""
+    return None if entries is None else frozenset(e.lower() for e in entries)
 
 
 RCPTHOSTS = "control/rcpthosts"
@@ -265,8 +270,8 @@ class Rcpthosts:
                  lowered: "frozenset | None" = None) -> None:
         # None means rcpthosts is absent: everything is allowed and the cdb
         # is ignored, as rcpthosts.c never opens it then.
-        if lowered is None and entries is not None:
-            lowered = frozenset(e.lower() for e in entries)
+        if lowered is None:
+            lowered = _lowered(entries)
         self._hosts = lowered
         self._cdb = cdb if lowered is not None else None
         self._cdb_path = getattr(cdb, "path", MORERCPTHOSTS)
@@ -325,8 +330,8 @@ class Badmailfrom:
     __slots__ = ("_entries",)
 
     def __init__(self, entries: "list[bytes] | None", *, lowered: "frozenset | None" = None) -> None:
-        if lowered is None and entries is not None:
-            lowered = frozenset(e.lower() for e in entries)
+        if lowered is None:
+            lowered = _lowered(entries)
         self._entries = lowered
 
     @classmethod
