@@ -28,6 +28,15 @@ def masks(keep_sigpipe=True, pgroup=False):
     return {line.split(b":")[0]: int(line.split()[1], 16) for line in out.splitlines()}
 
 
+NO_VFORK = "vfork through _posixsubprocess is for CPython 3.11 to 3.13 on Linux"
+
+
+def require_vfork():
+    """use_vfork(), or the test is skipped where it cannot be used."""
+    if not spawn.use_vfork():
+        pytest.skip(NO_VFORK)
+
+
 @pytest.fixture
 def provable():
     """The signal state use_vfork() accepts, whatever this test run inherited
@@ -52,8 +61,7 @@ def mode(request, monkeypatch):
         monkeypatch.setattr(spawn, "_libc", False)
     elif request.param == "vfork":
         request.getfixturevalue("provable")
-        if not spawn.use_vfork():
-            pytest.skip("vfork through _posixsubprocess is for CPython 3.11 to 3.13 on Linux")
+        require_vfork()
     elif not spawn._load():
         pytest.skip("no C library posix_spawn through _ctypes here")
     return request.param
@@ -193,8 +201,7 @@ def test_reused_file_actions_and_argv(mode, tmp_path):
 def test_use_vfork_only_for_a_proved_signal_state(provable):
     """A signal ignored (other than SIGPIPE, and CPython's SIGXFSZ) or blocked
     would reach a vfork child: use_vfork() then says no and posix_spawn stays."""
-    if not spawn.use_vfork():
-        pytest.skip("vfork through _posixsubprocess is for CPython 3.11 to 3.13 on Linux")
+    require_vfork()
     spawn.stop_vfork()
     old = signal.signal(signal.SIGQUIT, signal.SIG_IGN)
     try:
@@ -229,8 +236,7 @@ def test_vfork_exec_errors_are_reaped(mode, tmp_path):
 def test_vfork_only_from_the_thread_that_proved_it(provable):
     """signal.signal, which the vfork path needs for SIGXFSZ, works in the
     main thread only: another thread's spawns keep posix_spawn, same state."""
-    if not spawn.use_vfork():
-        pytest.skip("vfork through _posixsubprocess is for CPython 3.11 to 3.13 on Linux")
+    require_vfork()
     import threading
     got = []
     t = threading.Thread(target=lambda: got.append(masks()))
@@ -251,7 +257,7 @@ def test_use_vfork_refuses_where_the_parent_does_not_wait(provable, monkeypatch)
         return real([b"sh", b"-c", b"exit 255"], (b"/bin/sh",), *rest)
     monkeypatch.setattr(_posixsubprocess, "fork_exec", late)
     if sys.implementation.name != "cpython" or not (3, 11) <= sys.version_info[:2] <= (3, 13):
-        pytest.skip("vfork through _posixsubprocess is for CPython 3.11 to 3.13 on Linux")
+        pytest.skip(NO_VFORK)
     assert not spawn.use_vfork()
     assert spawn._forker is None
     with pytest.raises(ChildProcessError):
