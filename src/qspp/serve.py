@@ -540,6 +540,11 @@ def _reset_signals() -> None:
     # what qspp.smtpd.main sets up (spec §2.1)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    # CPython ignores SIGXFSZ so that a write past RLIMIT_FSIZE fails with
+    # EFBIG; with no such limit none can, and the default is what children
+    # need: then no spawn has to set it and put it back
+    if resource.getrlimit(resource.RLIMIT_FSIZE)[0] == resource.RLIM_INFINITY:
+        signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
 
 
 # where a session waits for its client (see Worker._on_alarm)

@@ -22,6 +22,7 @@ string, an environment name with `=` or empty).
 
 import _thread
 import posix
+import select
 import sys
 
 try:
@@ -282,53 +283,54 @@ class _Forker:
     restores the parent's mask, but leaves ignored signals ignored.
     """
 
-    def __init__(self, fork_exec, thread):
+    def __init__(self, fork_exec, thread, xfsz_ignored):
         self.fork_exec = fork_exec
         self.thread = thread  # signal.signal works in the main thread only
+        self.xfsz_ignored = xfsz_ignored
         self.envs = _Envs(list)
         self.argvs = {}  # argv tuples, checked once
+        # The child writes "OSError:<errno in hex>:..." here when exec fails,
+        # all of it before it exits, and the parent resumes only once the
+        # child has exited or its exec is past returning (use_vfork made
+        # sure vfork suspends it): nothing there now means the program runs.
+        # So one pipe serves every spawn, never waited on: made per spawn it
+        # cost three more syscalls, and a blocking read waited for exec to
+        # close it, 50 us a spawn here.
+        self.er, self.ew = posix.pipe2(posix.O_CLOEXEC | posix.O_NONBLOCK)
+        self.reported = select.poll()  # cheaper than a read that fails
+        self.reported.register(self.er, select.POLLIN)
+
+    def close(self):
+        posix.close(self.er)
+        posix.close(self.ew)
 
     def spawn(self, path, argv, env, fd0, fd1, pgroup, keep_sigpipe):
         if b"\0" in path:
             raise ValueError("embedded null byte")
         argv_l = _kept_argv(self.argvs, argv, tuple)
         env_l = self.envs.get(env)
-        # The child writes "OSError:<errno in hex>:..." here when exec fails,
-        # all of it before it exits, and the parent resumes only once the
-        # child has exited or its exec is past returning (use_vfork made
-        # sure vfork suspends it): nothing there now means the program runs.
-        # Exec closes the pipe only a while later; a blocking read would wait
-        # for that, 50 us a spawn here.
-        er, ew = posix.pipe2(posix.O_CLOEXEC | posix.O_NONBLOCK)
+        # CPython ignores SIGXFSZ (a write past RLIMIT_FSIZE fails with
+        # EFBIG instead), and the child would inherit that: default for the
+        # moment of the spawn.  A single thread: no write of ours can meet
+        # the limit meanwhile.  restore_signals would default it too, but
+        # SIGPIPE with it.
+        xfsz = _signal.signal(_SIGXFSZ, _SIG_DFL) if keep_sigpipe and self.xfsz_ignored else None
         try:
-            # CPython ignores SIGXFSZ (a write past RLIMIT_FSIZE fails with
-            # EFBIG instead), and the child would inherit that: default for
-            # the moment of the spawn.  A single thread: no write of ours
-            # can meet the limit meanwhile.  restore_signals would default it
-            # too, but SIGPIPE with it.
-            xfsz = _signal.signal(_SIGXFSZ, _SIG_DFL) if keep_sigpipe else None
-            try:
-                pid = self.fork_exec(argv_l, (path,), False, (), None, env_l,
-                                     fd0, -1, -1, fd1, -1, -1, er, ew,
-                                     not keep_sigpipe, False, 0 if pgroup else -1,
-                                     None, None, None, -1, None, True)
-            finally:
-                if xfsz is not None:
-                    _signal.signal(_SIGXFSZ, xfsz)
-                posix.close(ew)
-            report = b""
-            try:
-                while len(report) < 4096:  # written in several pieces
-                    more = posix.read(er, 256)
-                    if not more:
-                        break
-                    report += more
-            except BlockingIOError:
-                pass
+            pid = self.fork_exec(argv_l, (path,), False, (), None, env_l,
+                                 fd0, -1, -1, fd1, -1, -1, self.er, self.ew,
+                                 not keep_sigpipe, False, 0 if pgroup else -1,
+                                 None, None, None, -1, None, True)
         finally:
-            posix.close(er)
-        if not report:
+            if xfsz is not None:
+                _signal.signal(_SIGXFSZ, xfsz)
+        if not self.reported.poll(0):
             return pid
+        report = b""
+        try:
+            while True:  # written in several pieces, all there: leave none
+                report += posix.read(self.er, 4096)
+        except BlockingIOError:
+            pass
         posix.waitpid(pid, 0)  # it exits at once, status 255
         parts = report.split(b":", 2)
         try:
@@ -364,13 +366,13 @@ def use_vfork() -> bool:
 
     For a process that keeps its signal state for good, as a serve worker
     does: the kernel must show no signal blocked and none ignored but
-    SIGPIPE (and SIGXFSZ, CPython's own, defaulted around each spawn),
-    because a vfork child inherits both; spawn() then holds the same promise
+    SIGPIPE (and SIGXFSZ, CPython's own, then defaulted around each
+    spawn), because a vfork child inherits both; spawn() then holds the same promise
     as through posix_spawn.  Every spawn after this one relies on the state
     staying so; qspp.smtpd itself only ever ignores SIGPIPE and defaults
     SIGCHLD.  Spawns from other threads than this one keep posix_spawn.
     """
-    global _forker
+    global _forker, _forgets_at_fork
     if (_signal is None or sys.implementation.name != "cpython"
             or not (3, 11) <= sys.version_info[:2] <= (3, 13)
             or not sys.platform.startswith("linux")):
@@ -383,25 +385,42 @@ def use_vfork() -> bool:
         ignored, blocked = int(status[b"SigIgn"], 16), int(status[b"SigBlk"], 16)
     except (ImportError, AttributeError, OSError, KeyError, ValueError):
         return False
-    if blocked or ignored & ~(1 << (_SIGPIPE - 1)) & ~(1 << (_SIGXFSZ - 1)):
+    xfsz = 1 << (_SIGXFSZ - 1)
+    if blocked or ignored & ~(1 << (_SIGPIPE - 1)) & ~xfsz:
         return False
-    forker = _Forker(fork_exec, _thread.get_ident())
+    try:
+        forker = _Forker(fork_exec, _thread.get_ident(), bool(ignored & xfsz))
+    except OSError:
+        return False
     # Where vfork is fork in disguise (some emulators; CPython also falls back
     # to fork where vfork is refused) the parent does not wait, and an exec
     # error would come too late to be seen: an exec that must fail shows it.
     try:
         pid = forker.spawn(b"/", [b"/"], {}, -1, -1, False, True)
     except OSError as e:
-        if e.errno != _EACCES:
-            return False  # no child to tell it (EAGAIN, ENOMEM): proves nothing
-        _forker = forker
-        return True
-    posix.waitpid(pid, 0)
+        if e.errno == _EACCES:
+            stop_vfork()
+            if not _forgets_at_fork:
+                posix.register_at_fork(after_in_child=stop_vfork)
+                _forgets_at_fork = True
+            _forker = forker
+            return True
+        # no child to tell it (EAGAIN, ENOMEM): proves nothing
+    else:
+        posix.waitpid(pid, 0)
+    forker.close()
     return False
 
 
+_forgets_at_fork = False  # stop_vfork runs in every os.fork() child
+
+
 def stop_vfork() -> None:
+    """Spawn by posix_spawn again.  Also in a forked child, whose copy of
+    the error pipe would be shared with the parent's."""
     global _forker, _vfork_wanted
+    if _forker is not None:
+        _forker.close()
     _forker = None
     _vfork_wanted = False
 

@@ -273,3 +273,67 @@ def test_use_vfork_refuses_when_the_probe_cannot_start(provable, monkeypatch):
     monkeypatch.setattr(_posixsubprocess, "fork_exec", refused)
     assert not spawn.use_vfork()
     assert spawn._forker is None
+
+
+def open_fds():
+    return sorted(int(n) for n in os.listdir("/proc/self/fd"))
+
+
+def is_open(fd):
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def test_vfork_error_pipe_is_kept_and_drained(provable, tmp_path):
+    """One error pipe serves every vfork spawn: spawns open nothing, and an
+    exec error is read to its end, so the next spawn is not blamed for it."""
+    require_vfork()
+    before = open_fds()
+    for _ in range(3):
+        with pytest.raises(OSError) as ei:
+            spawn.spawn(os.fsencode(tmp_path / "none"), [b"none"], {})
+        assert ei.value.errno == errno.ENOENT
+        pid = spawn.spawn(b"/bin/true", [b"true"], {})
+        assert os.waitpid(pid, 0)[1] == 0
+    assert open_fds() == before
+    er, ew = spawn._forker.er, spawn._forker.ew
+    spawn.stop_vfork()
+    assert not is_open(er) and not is_open(ew)
+
+
+def test_a_forked_child_does_not_share_the_error_pipe(provable):
+    """A child of os.fork() would share the parent's pipe (and read the
+    parent's children's errors): it spawns by posix_spawn until it proves
+    its own state, with a pipe of its own."""
+    require_vfork()
+    er, ew = spawn._forker.er, spawn._forker.ew
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through the pipe
+        ok = spawn._forker is None and not is_open(er) and not is_open(ew)
+        ok = ok and spawn.use_vfork()
+        os.write(w, b"ok" if ok else b"no")
+        os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        assert f.read() == b"ok"
+    assert os.waitpid(pid, 0)[1] == 0
+    assert (spawn._forker.er, spawn._forker.ew) == (er, ew)
+
+
+def test_sigxfsz_already_default_is_left_alone(provable, monkeypatch):
+    """Where SIGXFSZ is at its default when use_vfork() proves the state (a
+    serve worker with no file size limit), spawns do not touch it."""
+    old = signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
+    try:
+        require_vfork()
+        assert not spawn._forker.xfsz_ignored
+        calls = []
+        monkeypatch.setattr(spawn._signal, "signal", lambda *a: calls.append(a))
+        assert masks() == {b"SigBlk": 0, b"SigIgn": PIPE_BIT}
+        assert calls == []
+    finally:
+        signal.signal(signal.SIGXFSZ, old)

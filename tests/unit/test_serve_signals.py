@@ -1,0 +1,42 @@
+"""A serve worker's own signal state (the one its children start from)."""
+
+import os
+import resource
+import signal
+
+import pytest
+
+from qspp import serve
+
+
+def worker_sigxfsz(limit):
+    """SIGXFSZ's disposition after a worker's signal setup, in a child with
+    RLIMIT_FSIZE at `limit` (and CPython's own ignore to start from)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - reports through the pipe
+        try:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+            serve._reset_signals()
+            os.write(w, b"%d" % signal.getsignal(signal.SIGXFSZ))
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        got = f.read()
+    os.waitpid(pid, 0)
+    return int(got)
+
+
+def test_no_file_size_limit_defaults_sigxfsz():
+    # no write can exceed a limit there is not: children need the default
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if hard != resource.RLIM_INFINITY:
+        pytest.skip("this test run has a file size limit")
+    assert worker_sigxfsz(resource.RLIM_INFINITY) == signal.SIG_DFL
+
+
+def test_a_file_size_limit_keeps_sigxfsz_ignored():
+    # a write past it must fail with EFBIG (a 451), not kill the worker
+    assert worker_sigxfsz(1 << 20) == signal.SIG_IGN
