@@ -976,10 +976,11 @@ class Worker:
             for s in self.server.listeners:
                 if s.fileno() == fd:
                     try:
+                        # blocking, though the listener is not: accept4()
+                        # passes on no O_NONBLOCK, and Python's timeout is None
                         conn, peer = s.accept()
                     except (BlockingIOError, ConnectionAbortedError):
                         continue
-                    conn.setblocking(True)
                     return conn, peer
         return None
 
@@ -1061,8 +1062,10 @@ class Worker:
         finally:
             _signal.setitimer(_signal.ITIMER_REAL, 0)
             # what qspp.smtpd.main sets up (spec §2.1), should a session have changed it
-            _signal.signal(_signal.SIGPIPE, _signal.SIG_IGN)
-            _signal.signal(_signal.SIGCHLD, _signal.SIG_DFL)
+            if _signal.getsignal(_signal.SIGPIPE) != _signal.SIG_IGN:
+                _signal.signal(_signal.SIGPIPE, _signal.SIG_IGN)
+            if _signal.getsignal(_signal.SIGCHLD) != _signal.SIG_DFL:
+                _signal.signal(_signal.SIGCHLD, _signal.SIG_DFL)
             os.dup2(self.null, 0)  # the last copies of the connection: it closes
             os.dup2(self.null, 1)
             os.chdir(self.cwd)

@@ -1,8 +1,11 @@
-"""A serve worker's own signal state (the one its children start from)."""
+"""A serve worker's own state: its signals (the ones its children start
+from), the connections it takes."""
 
+import fcntl
 import os
 import resource
 import signal
+import socket
 
 import pytest
 
@@ -40,3 +43,24 @@ def test_no_file_size_limit_defaults_sigxfsz():
 def test_a_file_size_limit_keeps_sigxfsz_ignored():
     # a write past it must fail with EFBIG (a 451), not kill the worker
     assert worker_sigxfsz(1 << 20) == signal.SIG_IGN
+
+
+def test_an_accepted_connection_is_blocking():
+    # the listener is non-blocking (workers wait in epoll); a session's reads
+    # and writes on the connection must not be
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    listener.setblocking(False)
+    client = socket.create_connection(listener.getsockname())
+    try:
+        worker = serve.Worker.__new__(serve.Worker)
+        worker.server = type("S", (), {"listeners": [listener]})()
+        conn, peer = worker.accept([(listener.fileno(), 1)])
+        with conn:
+            assert peer == client.getsockname()
+            assert conn.gettimeout() is None
+            assert not fcntl.fcntl(conn.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK
+    finally:
+        client.close()
+        listener.close()
