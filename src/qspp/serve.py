@@ -100,6 +100,7 @@ import resource
 import selectors
 import signal
 import socket
+import struct
 import sys
 import time
 
@@ -552,6 +553,9 @@ _READ_WAIT = smtpd.Connection._raw_read.__code__
 _WRITE_WAIT = smtpd.Connection._raw_write.__code__
 
 
+_TIMEVAL = struct.Struct("@ll")  # struct timeval, for SO_RCVTIMEO/SO_SNDTIMEO
+
+
 class _Stop(Exception):
     """Raised out of an idle worker's accept() when serve stops."""
 
@@ -841,6 +845,7 @@ class Worker:
         self.reload = False
         self.in_rules = False
         self.client = None      # (ip, port) the session stands for
+        self.conn = None        # its socket, while it runs
         self.ready = None       # epoll on the listeners
 
     def _on_stop(self, signum, frame):
@@ -876,6 +881,17 @@ class Worker:
         if code is _READ_WAIT:
             raise smtpd._Timeout()
         raise smtpd._Exit(1, "session time")  # the client is not reading: nothing to say
+
+    def _io_timeouts(self, seconds) -> bool:
+        """timeoutsmtpd for the session's reads and writes, kept by the
+        socket itself: then they need no poll() first (smtpd.run)."""
+        tv = _TIMEVAL.pack(seconds, 0)
+        try:
+            self.conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+            self.conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+        except (OSError, struct.error):
+            return False
+        return True
 
     def _on_hup(self, signum, frame):
         # The parent has just loaded good rules: follow at once, even in a
@@ -1051,16 +1067,17 @@ class Worker:
             self.client = client
             if server.session_time:
                 _signal.setitimer(_signal.ITIMER_REAL, server.session_time)
-            fd = conn.detach()
-            os.dup2(fd, 0)
-            os.dup2(fd, 1)
-            os.close(fd)
-            smtpd.run(server.smtpd_args, env)
+            os.dup2(conn.fileno(), 0)
+            os.dup2(conn.fileno(), 1)
+            self.conn = conn  # kept open for _io_timeouts; close-on-exec
+            smtpd.run(server.smtpd_args, env, self._io_timeouts)
         except Exception as e:  # noqa: BLE001 - the session's own last words
             log("internal error: %s: %s" % (type(e).__name__, e))
             clean = False
         finally:
             _signal.setitimer(_signal.ITIMER_REAL, 0)
+            self.conn = None
+            conn.close()
             # what qspp.smtpd.main sets up (spec §2.1), should a session have changed it
             if _signal.getsignal(_signal.SIGPIPE) != _signal.SIG_IGN:
                 _signal.signal(_signal.SIGPIPE, _signal.SIG_IGN)

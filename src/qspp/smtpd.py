@@ -50,12 +50,16 @@ class Connection:
     the raw reads and writes below, so the timeout holds for TLS as well.
     """
 
-    def __init__(self, session, timeout, rfd=0, wfd=1):
+    def __init__(self, session, timeout, rfd=0, wfd=1, kernel_timeouts=False):
         self.session = session
         self.timeout = timeout
         self.rfd = rfd
         self.wfd = wfd
         self.channel = None
+        # True: a read or write on these fds gives up by itself after
+        # `timeout` (a socket with SO_RCVTIMEO and SO_SNDTIMEO, as serve sets
+        # them), so no poll() has to come first
+        self._kernel_timeouts = kernel_timeouts
         # poll objects registered once: cheaper per wait than select()
         self._timeout_ms = max(0, int(timeout * 1000))
         self._readable = poll()
@@ -67,6 +71,16 @@ class Connection:
     # their frames to tell a session waiting for its client.
     def _raw_write(self, data) -> None:
         view = memoryview(data)
+        if self._kernel_timeouts:
+            try:
+                while view:
+                    # waits at most the timeout for room, then writes what fits
+                    view = view[posix.write(self.wfd, view):]
+            except BlockingIOError:  # no room for a whole timeout
+                raise _Exit(1, "write timeout")
+            except OSError:
+                raise _Exit(1, "write error")
+            return
         try:
             while view:
                 ms = self._timeout_ms
@@ -79,6 +93,11 @@ class Connection:
             raise _Exit(1, "write error")
 
     def _raw_read(self) -> bytes:
+        if self._kernel_timeouts:
+            try:
+                return posix.read(self.rfd, READ_SIZE)
+            except BlockingIOError:  # nothing came for a whole timeout
+                raise _Timeout()
         ms = self._timeout_ms
         while not self._readable.poll(min(ms, _MAX_POLL_MS)):
             ms -= _MAX_POLL_MS
@@ -275,8 +294,13 @@ Observer = None
 mark_inherited_fds = True
 
 
-def run(argv, environ) -> int:
-    """One connection, fds 0/1; returns the exit status (spec §2.5)."""
+def run(argv, environ, io_timeouts=None) -> int:
+    """One connection, fds 0/1; returns the exit status (spec §2.5).
+
+    io_timeouts(seconds): makes each read and write on fds 0/1 give up by
+    itself after that long, and says whether it could (`qspp serve` sets
+    socket options); otherwise every wait is a poll() under timeoutsmtpd.
+    """
     home = environ.get(b"QMAILHOME") or b"/var/qmail"
     try:
         posix.chdir(home)
@@ -344,7 +368,8 @@ def run(argv, environ) -> int:
         session.start()
     except Fatal as err:
         session.fatal(err)
-    status = Connection(session, settings.timeout).run()
+    kernel_timeouts = io_timeouts is not None and io_timeouts(settings.timeout)
+    status = Connection(session, settings.timeout, kernel_timeouts=kernel_timeouts).run()
     if milters is not None:
         milters.close()
     if journal is not None:

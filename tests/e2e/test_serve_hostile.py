@@ -116,3 +116,33 @@ def test_the_defaults_are_in_the_start_line(home, serve, args, per_ip):
     s = serve(*args)
     s.wait_line(rb"serve: listening on 127\.0\.0\.1 port \d+, concurrency \d+, per-ip %d,"
                 rb" session time 1200s, home " % per_ip)
+
+
+def test_a_client_that_never_reads_meets_the_write_timeout(home, serve):
+    """serve's sessions wait on the socket's own timeouts (SO_SNDTIMEO, not
+    poll()): replies that back up end the session one timeoutsmtpd later,
+    silently, and free its slot."""
+    import threading
+    home.control("timeoutsmtpd", "1\n")
+    s = serve("-c", "1")
+    flooder = s.connect()
+    flooder.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    # more replies than the kernel's buffers on both sides hold
+    flood = b"NOOP\r\n" * 3000000
+
+    def send():
+        try:
+            flooder.sock.sendall(flood)
+        except OSError:
+            pass  # the session ended under it
+    sender = threading.Thread(target=send, daemon=True)
+    t0 = time.monotonic()
+    sender.start()
+    nxt = s.connect(greet=None)
+    assert nxt.reply(timeout=20) == GREETING  # -c 1: only once the flooder is gone
+    assert time.monotonic() - t0 < 15
+    assert nxt.cmd(b"QUIT") == QUIT
+    sender.join(10)
+    assert not sender.is_alive()
+    # ended in a write: silently, where a read would have ended with a reply
+    assert any(ln.endswith(b' end="write timeout"') for ln in s.lines()), s.lines()

@@ -1,8 +1,10 @@
 """smtpd.Connection's raw reads and writes on the client's descriptors: each
-waits in poll() under timeoutsmtpd (spec §7), and a client that stops reading
-or has gone ends the session with the exit it gets in qmail."""
+waits under timeoutsmtpd (spec §7), in poll() or (as serve arranges it) in the
+socket's own SO_RCVTIMEO/SO_SNDTIMEO, and a client that stops reading or has
+gone ends the session with the exit it gets in qmail."""
 
 import socket
+import struct
 import threading
 import time
 
@@ -16,18 +18,29 @@ class _Session:
     flush_soon = False
 
 
-@pytest.fixture
-def pair():
+@pytest.fixture(params=["poll", "socket timeouts"])
+def pair(request):
     ours, peer = socket.socketpair()
     ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    _kernel_timeouts[ours.fileno()] = request.param != "poll"
     yield ours, peer
+    del _kernel_timeouts[ours.fileno()]
     ours.close()
     peer.close()
 
 
+_kernel_timeouts = {}  # the mode of each pair's socket, by fd
+
+
 def _connection(sock, timeout):
-    return smtpd.Connection(_Session(), timeout, sock.fileno(), sock.fileno())
+    kernel = _kernel_timeouts[sock.fileno()]
+    if kernel:
+        tv = struct.pack("@ll", timeout, 0)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+    return smtpd.Connection(_Session(), timeout, sock.fileno(), sock.fileno(),
+                            kernel_timeouts=kernel)
 
 
 def test_a_reply_larger_than_the_buffers_arrives_whole_and_in_order(pair):
