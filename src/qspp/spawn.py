@@ -366,8 +366,8 @@ def use_vfork() -> bool:
 
     For a process that keeps its signal state for good, as a serve worker
     does: the kernel must show no signal blocked and none ignored but
-    SIGPIPE (and SIGXFSZ, CPython's own, then defaulted around each
-    spawn), because a vfork child inherits both; spawn() then holds the same promise
+    SIGPIPE (and SIGXFSZ, CPython's own, then defaulted around each spawn),
+    because a vfork child inherits both; spawn() then holds the same promise
     as through posix_spawn.  Every spawn after this one relies on the state
     staying so; qspp.smtpd itself only ever ignores SIGPIPE and defaults
     SIGCHLD.  Spawns from other threads than this one keep posix_spawn.
