@@ -85,6 +85,78 @@ def unchanged(path, signature) -> bool:
         return False
 
 
+# Files found absent, by path: the signature of the directory that would
+# hold them, as it was then.  No file appears in a directory without changing
+# the directory's mtime and ctime, so while it is unchanged one stat of it per
+# connection stands for every absent file in it: a `qspp serve` worker would
+# otherwise fail to open half a dozen files at every connection, each failure
+# an exception.  Only a process that serves many connections sets
+# remember_absent; a process that serves one would only pay for the records.
+# A dangling symbolic link is never remembered (its target may appear
+# anywhere), nor a directory changed less than _SETTLED seconds ago.
+remember_absent = False
+_absent: "dict[bytes, tuple]" = {}
+_dirs_now: "dict[bytes, tuple]" = {}  # each directory's stat, this connection
+
+
+def new_connection() -> None:
+    """Forget the directory stats taken for the connection before."""
+    _dirs_now.clear()
+
+
+def _directory(path):
+    """The directory part of PATH (str or bytes, as it came)."""
+    if isinstance(path, bytes):
+        slash, here = path.rfind(b"/"), b"."
+    else:
+        slash, here = path.rfind("/"), "."
+    if slash < 0:
+        return here
+    return path[:slash] or path[:1]  # "/x": the root
+
+
+def _directory_now(directory) -> tuple:
+    now = _dirs_now.get(directory)
+    if now is None:
+        try:
+            now = _signature(posix.stat(directory))
+        except OSError:
+            now = ()
+        _dirs_now[directory] = now
+    return now
+
+
+def known_absent(path) -> bool:
+    """PATH was found absent, and the directory that would hold it has not
+    changed since."""
+    then = _absent.get(path)
+    if then is None:
+        return False
+    if _directory_now(_directory(path)) == then:
+        return True
+    del _absent[path]
+    return False
+
+
+def found_absent(path) -> None:
+    """PATH failed to open with ENOENT just now: remembered where that is safe."""
+    if not remember_absent:
+        return
+    try:
+        posix.lstat(path)
+        return  # a dangling symbolic link
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return
+    try:
+        st = posix.stat(_directory(path))
+    except OSError:
+        return
+    if _time() - st.st_ctime > _SETTLED:
+        _absent[path] = _signature(st)
+
+
 def _read(path, first_line: bool) -> "bytes | None":
     key = (path, first_line)
     hit = _cache.get(key)
@@ -92,8 +164,11 @@ def _read(path, first_line: bool) -> "bytes | None":
         if unchanged(path, hit[0]):
             return hit[1]
         del _cache[key]
+    if path in _absent and known_absent(path):
+        return None
     fd = _open(path)
     if fd is None:
+        found_absent(path)
         return None
     try:
         data = read_fd(fd, first_line)
@@ -281,10 +356,14 @@ class Rcpthosts:
         hosts = read_lowered(rcpthosts)
         if hosts is None:
             return cls(None)
+        if known_absent(morercpthosts):
+            return cls(None, None, lowered=hosts)
         try:
             cdb = Cdb.open(morercpthosts)
         except OSError as e:
             raise ControlError(morercpthosts, e.errno) from None
+        if cdb is None:
+            found_absent(morercpthosts)
         return cls(None, cdb, lowered=hosts)
 
     @property

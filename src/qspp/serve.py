@@ -91,6 +91,7 @@ json: the same as JSON, off: none); a tcprules variable SPPLOG still wins.
 """
 
 import _signal
+import _socket
 import argparse
 import errno
 import gc
@@ -104,7 +105,7 @@ import struct
 import sys
 import time
 
-from . import diagnose, home as homes, smtpd, spawn, spprun, tcpenv
+from . import control, diagnose, home as homes, smtpd, spawn, spprun, tcpenv
 from .diag import log
 from .tcprules import Rules, RulesError, signature
 
@@ -847,6 +848,7 @@ class Worker:
         self.client = None      # (ip, port) the session stands for
         self.conn = None        # its socket, while it runs
         self.ready = None       # epoll on the listeners
+        self.kinds = {}         # (family, type, proto) by listener fd
 
     def _on_stop(self, signum, frame):
         self.stopping = True
@@ -946,6 +948,7 @@ class Worker:
         spprun.cloexec_inherited_fds()
         smtpd.mark_inherited_fds = False
         spprun.null_stdin()  # opened now, it is not taken for a session's leftover
+        control.remember_absent = True  # many connections: one stat of control/ each
         # the signal state just set is kept for good (a session's own changes
         # are put back after it): plugins and the queue can start by vfork
         spawn.use_vfork()
@@ -993,11 +996,20 @@ class Worker:
                 if s.fileno() == fd:
                     try:
                         # blocking, though the listener is not: accept4()
-                        # passes on no O_NONBLOCK, and Python's timeout is None
-                        conn, peer = s.accept()
+                        # passes on no O_NONBLOCK, and the timeout is None
+                        cfd, peer = s._accept()
                     except (BlockingIOError, ConnectionAbortedError):
                         continue
-                    return conn, peer
+                    kind = self.kinds.get(fd)
+                    if kind is None:
+                        kind = self.kinds[fd] = (int(s.family), int(s.type), s.proto)
+                    # the C socket: socket.socket.accept() takes as long again
+                    # making enums of family and type and running its __init__
+                    try:
+                        return _socket.socket(*kind, cfd), peer
+                    except BaseException:
+                        os.close(cfd)
+                        raise
         return None
 
     def serve(self, conn, remote) -> bool:

@@ -267,15 +267,21 @@ def _startup_fatal(reply: bytes, why) -> int:
     return 1
 
 
+_SMTPMILTERS = b"control/smtpmilters"
+
+
 def _milters(settings, env):
     """The connection's milters (milter.Milters), or None.  The milter module
     is imported only when a milter list exists: one stat for the rest."""
     if b"NOMILTER" in env:
         return None
     if not env.get(b"MILTERS"):
+        if control.known_absent(_SMTPMILTERS):
+            return None
         try:
-            posix.stat(b"control/smtpmilters")
+            posix.stat(_SMTPMILTERS)
         except FileNotFoundError:
+            control.found_absent(_SMTPMILTERS)
             return None
         except OSError:
             pass  # milter.load reports it

@@ -95,18 +95,25 @@ def load_config(env):
         if control.unchanged(path, hit[0]):
             return hit[1]
         del _parsed[path]
+    if not explicit and control.known_absent(path):
+        return _no_plugins(path)
     try:
         data, st = _read_file(path)
     except OSError as e:
         if e.errno == _errno.ENOENT and not explicit:
-            return Config(path, {}, [(0, "note", path + b" does not exist: no plugins")],
-                          True, path + b" does not exist: no plugins")
+            control.found_absent(path)
+            return _no_plugins(path)
         raise SppConfigError(path, e.errno or _errno.EIO)
     config = parse(data, path)
     signature = control.reusable(st)
     if signature is not None:
         _parsed[path] = (signature, config)
     return config
+
+
+def _no_plugins(path):
+    text = path + b" does not exist: no plugins"
+    return Config(path, {}, [(0, "note", text)], True, text)
 
 
 # The parsed file, reused as qspp.control reuses what it read: a process that

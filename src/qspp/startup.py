@@ -15,6 +15,7 @@ class Settings:
 
 def load(env, auth=None) -> Settings:
     """auth: an authmode.AuthMode, or None when AUTH is off."""
+    control.new_connection()
     s = Settings()
     s.auth = auth
     me = control.read_line(b"control/me")

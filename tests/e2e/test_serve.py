@@ -306,6 +306,31 @@ def test_idle_client_timeout_frees_the_slot(home, serve):
     s.wait_idle()
 
 
+def test_a_control_file_that_appears_counts_from_the_next_connection(home, serve):
+    """A worker remembers which control files are absent (one stat of control/
+    per connection stands for them all); one that appears, or goes again,
+    shows at the very next connection to the same worker."""
+    s = serve("--concurrency", "1")  # one worker: it serves every connection
+    time.sleep(2.2)  # control/ settles: from now on absent files are remembered
+
+    def session(greeting, quit=QUIT):
+        c = s.connect(greet=greeting)
+        assert c.cmd(b"QUIT") == quit
+        assert c.rest() == b""
+        s.wait_idle()
+
+    session(GREETING)
+    session(GREETING)
+    home.control("smtpgreeting", "hello.example\n")
+    session(b"220 hello.example ESMTP\r\n", b"221 hello.example\r\n")
+    os.unlink(os.path.join(home.root, "control", "smtpgreeting"))
+    session(GREETING)
+    s.wait_line(rb"spp-summary .*end=quit$")
+    pids = [m.group(1) for m in map(re.compile(rb"qspp: pid (\d+): spp-summary ").search,
+                                    s.lines()) if m]
+    assert len(pids) == 4 and len(set(pids)) == 1
+
+
 def test_concurrency_limit_defers_the_greeting(home, serve):
     s = serve("--concurrency", "1")
     first = s.connect()

@@ -24,7 +24,15 @@ def home(tmp_path, monkeypatch):
     (tmp_path / "control").mkdir()
     monkeypatch.setattr(control, "_cache", {})
     monkeypatch.setattr(control, "_sets", {})
+    monkeypatch.setattr(control, "_absent", {})
+    monkeypatch.setattr(control, "_dirs_now", {})
     return tmp_path
+
+
+@pytest.fixture
+def remembering(monkeypatch):
+    """A process serving many connections, as a `qspp serve` worker."""
+    monkeypatch.setattr(control, "remember_absent", True)
 
 
 @pytest.fixture
@@ -219,3 +227,105 @@ def test_rcpthosts_and_badmailfrom_sets_are_built_once_per_content(home, settled
     assert not control.Badmailfrom.load().flags(b"bad@spam.example")
     os.unlink("control/rcpthosts")
     assert control.Rcpthosts.load().allows(b"x@anywhere.example")  # absent: all allowed
+
+
+# -- absent files -------------------------------------------------------------
+
+def connection():
+    control.new_connection()
+
+
+def test_absent_file_is_tried_once_and_shows_at_the_next_connection(home, settled, opens,
+                                                                     remembering):
+    for _ in range(3):
+        connection()
+        assert read_line(b"control/smtpgreeting") is None
+        assert read_line(b"control/localiphost") is None
+    assert opens == [b"control/smtpgreeting", b"control/localiphost"]
+    put("control/smtpgreeting", b"hello.example\n")
+    connection()
+    assert read_line(b"control/smtpgreeting") == b"hello.example"
+    assert read_line(b"control/localiphost") is None  # the same directory changed
+    os.unlink("control/smtpgreeting")
+    connection()
+    assert read_line(b"control/smtpgreeting") is None
+
+
+def test_absent_files_cost_one_stat_of_their_directory_per_connection(home, settled,
+                                                                      remembering, monkeypatch):
+    for name in (b"control/smtpgreeting", b"control/databytes"):
+        assert read_line(name) is None
+    stats = recorded(monkeypatch, control.posix, "stat")
+    for _ in range(2):
+        connection()
+        assert read_line(b"control/smtpgreeting") is None
+        assert control.read_int(b"control/databytes") is None
+    assert stats == [b"control", b"control"]
+
+
+def test_a_new_directory_is_a_change(home, settled, remembering):
+    """control/ replaced as a whole (renamed into place): its own identity
+    differs, even where its times would not."""
+    assert read_line(b"control/smtpgreeting") is None
+    os.mkdir("control.new")
+    put("control.new/smtpgreeting", b"new.example\n")
+    os.rename("control", "control.old")
+    os.rename("control.new", "control")
+    connection()
+    assert read_line(b"control/smtpgreeting") == b"new.example"
+
+
+def test_absent_files_are_not_remembered_by_default(home, settled, opens):
+    for _ in range(2):
+        connection()
+        assert read_line(b"control/smtpgreeting") is None
+    assert opens == [b"control/smtpgreeting"] * 2
+    assert control._absent == {}
+
+
+def test_a_freshly_changed_directory_is_not_trusted(home, opens, remembering):
+    # control/ was made just now: a file created within the same clock tick
+    # would leave its times as they are
+    for _ in range(2):
+        connection()
+        assert read_line(b"control/smtpgreeting") is None
+    assert opens == [b"control/smtpgreeting"] * 2
+
+
+def test_a_dangling_link_is_never_remembered(home, settled, opens, remembering):
+    """Its target may appear anywhere, the directory holding the link unchanged."""
+    os.mkdir("elsewhere")
+    os.symlink("../elsewhere/greeting", "control/smtpgreeting")
+    for _ in range(2):
+        connection()
+        assert read_line(b"control/smtpgreeting") is None
+    put("elsewhere/greeting", b"linked.example\n")
+    connection()
+    assert read_line(b"control/smtpgreeting") == b"linked.example"
+    assert opens == [b"control/smtpgreeting"] * 3
+
+
+def test_absent_morercpthosts_and_plugin_list(home, settled, remembering, monkeypatch):
+    from qspp import sppconfig
+    from qspp.cdb import Cdb, make
+    monkeypatch.setattr(sppconfig, "_parsed", {})
+    put("control/rcpthosts", b"example.org\n")
+    cdb_opens = recorded(monkeypatch, Cdb, "open")
+    reads = recorded(monkeypatch, sppconfig, "_read_file")
+    for _ in range(3):
+        connection()
+        assert not control.Rcpthosts.load().allows(b"x@example.net")
+        config = sppconfig.load_config({})
+        assert config.missing and config.sections == {}
+    assert cdb_opens == [control.MORERCPTHOSTS]
+    assert reads == [b"control/smtpplugins"]
+    make("control/morercpthosts.cdb", [(b"example.net", b"")])
+    put("control/smtpplugins", b"[mail]\n/bin/a\n")
+    connection()
+    assert control.Rcpthosts.load().allows(b"x@example.net")
+    assert sppconfig.load_config({}).sections == {"mail": [b"/bin/a"]}
+    # an explicit SPPCONFFILE that is missing stays an error every time
+    for _ in range(2):
+        with pytest.raises(sppconfig.SppConfigError):
+            sppconfig.load_config({b"SPPCONFFILE": b"control/nosuch"})
+

@@ -54,13 +54,16 @@ def test_an_accepted_connection_is_blocking():
     listener.setblocking(False)
     client = socket.create_connection(listener.getsockname())
     try:
-        worker = serve.Worker.__new__(serve.Worker)
-        worker.server = type("S", (), {"listeners": [listener]})()
+        worker = serve.Worker(type("S", (), {"listeners": [listener]})(), 0)
         conn, peer = worker.accept([(listener.fileno(), 1)])
-        with conn:
+        try:
             assert peer == client.getsockname()
             assert conn.gettimeout() is None
             assert not fcntl.fcntl(conn.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK
+            assert (conn.family, conn.type) == (socket.AF_INET, socket.SOCK_STREAM)
+            assert conn.getsockname() == listener.getsockname()
+        finally:
+            conn.close()
     finally:
         client.close()
         listener.close()
