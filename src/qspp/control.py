@@ -85,8 +85,8 @@ def unchanged(path, signature) -> bool:
         return False
 
 
-# Files found absent, by path: the signature of the directory that would
-# hold them, as it was then.  No file appears in a directory without changing
+# Files found absent, by path: the directory that would hold them and its
+# signature as it was then.  No file appears in a directory without changing
 # the directory's mtime and ctime, so while it is unchanged one stat of it per
 # connection stands for every absent file in it: a `qspp serve` worker would
 # otherwise fail to open half a dozen files at every connection, each failure
@@ -95,7 +95,7 @@ def unchanged(path, signature) -> bool:
 # A dangling symbolic link is never remembered (its target may appear
 # anywhere), nor a directory changed less than _SETTLED seconds ago.
 remember_absent = False
-_absent: "dict[bytes, tuple]" = {}
+_absent: "dict[bytes, tuple]" = {}  # path: (directory, signature)
 _dirs_now: "dict[bytes, tuple]" = {}  # each directory's stat, this connection
 
 
@@ -129,10 +129,14 @@ def _directory_now(directory) -> tuple:
 def known_absent(path) -> bool:
     """PATH was found absent, and the directory that would hold it has not
     changed since."""
-    then = _absent.get(path)
-    if then is None:
+    hit = _absent.get(path)
+    if hit is None:
         return False
-    if _directory_now(_directory(path)) == then:
+    directory, then = hit
+    now = _dirs_now.get(directory)
+    if now is None:
+        now = _directory_now(directory)
+    if now == then:
         return True
     del _absent[path]
     return False
@@ -149,12 +153,13 @@ def found_absent(path) -> None:
         pass
     except OSError:
         return
+    directory = _directory(path)
     try:
-        st = posix.stat(_directory(path))
+        st = posix.stat(directory)
     except OSError:
         return
     if _time() - st.st_ctime > _SETTLED:
-        _absent[path] = _signature(st)
+        _absent[path] = (directory, _signature(st))
 
 
 def _read(path, first_line: bool) -> "bytes | None":

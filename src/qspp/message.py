@@ -28,9 +28,9 @@ def _unstuff(s):
     """
     if s[:1] == b"." and s[1:2] != b"\r":
         s = s[1:]
-    if _LF_DOT not in s:
+    if s.find(_LF_DOT) < 0:  # cheaper than `in` (spawn.py)
         return s
-    if _LF_DOT_CR not in s:
+    if s.find(_LF_DOT_CR) < 0:
         return s.replace(_LF_DOT, b"\n")
     # Splitting at the kept `.\r` lines leaves only stuffed dots inside the parts.
     return _LF_DOT_CR.join([p.replace(_LF_DOT, b"\n") for p in s.split(_LF_DOT_CR)])

@@ -15,7 +15,7 @@ import posix
 import time
 
 from . import replies
-from .spawn import spawn as _spawn, DUP2
+from .spawn import spawn_std as _spawn_std
 
 DEFAULT_PROGRAM = b"bin/qmail-queue"
 
@@ -122,7 +122,7 @@ class Queue:
                 _close(fd)
             raise QueueStartError(e) from None
         try:
-            pid = _spawn(program, [program], env, ((DUP2, mr, 0), (DUP2, er, 1)))
+            pid = _spawn_std(program, [program], env, mr, er)
         except OSError as e:
             for fd in fds:
                 _close(fd)

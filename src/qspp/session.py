@@ -26,6 +26,8 @@ CLOSE = 3
 MAX_COMMAND = 65536  # bytes before LF, CR included (spec §2.7, D4)
 MAX_ENVELOPE = 16 << 20  # bytes qmail-queue would read on fd 1 (spec §2.7, D4)
 
+_received_line = None  # qspp.received.received, imported at the first message
+
 
 class Fatal(Exception):
     """Ends the connection after `reply`, exit status 1 (spec's "fatal 421")."""
@@ -359,10 +361,12 @@ class Session:
         return envelope
 
     def _received(self) -> bytes:
-        from .received import received
+        global _received_line
+        if _received_line is None:
+            from .received import received as _received_line
         s = self.settings
-        return received(s.remotehost, self.helo_name, self.remoteinfo, s.remoteip,
-                        s.localhost, self.protocol, self.clock())
+        return _received_line(s.remotehost, self.helo_name, self.remoteinfo, s.remoteip,
+                              s.localhost, self.protocol, self.clock())
 
     def _size_too_big(self, arg: bytes) -> bool:
         """The SIZE= parameter of MAIL in AUTH mode (spec §8.6)."""

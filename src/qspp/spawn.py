@@ -24,6 +24,7 @@ import _thread
 import posix
 import select
 import sys
+from _operator import ne as _ne
 
 try:
     import _signal
@@ -81,8 +82,12 @@ class _Envs:
     A session spawns with a few environments, the same names each time (the
     plugins of MAIL, those of RCPT, the queue): one array is kept per list of
     names, and only the values that changed since it was last used are
-    rewritten (a C-level compare finds them).  Items, not the dict, are
-    compared: the child sees them in order.
+    rewritten (a C-level compare finds them).  Names and values in order,
+    not the dict, are compared: the child sees them in order.
+
+    `x.find(y) >= 0` stands for `y in x` on every spawn: CPython 3.11's
+    `in` on bytes first tries y as an integer and formats the TypeError it
+    then drops.
     """
 
     def __init__(self, make):
@@ -90,36 +95,41 @@ class _Envs:
         self.kept = {}  # [the env's items in order, their array] by names
 
     def get(self, env):
-        items = list(env.items())
         names = tuple(env)
+        values = list(env.values())
         kept = self.kept.get(names)
         if kept is not None:
             old, array = kept
-            if old == items:
+            if old == values:  # in C, each value first by identity
                 return array
-            for i in [i for i in range(len(items)) if old[i][1] != items[i][1]]:
-                k, v = items[i]
-                if b"\0" in v:
+            # the values that differ, found in C: a session sets most anew
+            # to what the session before had (the same sender, recipient...)
+            changed = list(map(_ne, old, values))
+            i = -1
+            for _ in range(changed.count(True)):
+                i = changed.index(True, i + 1)
+                v = values[i]
+                if v.find(b"\0") >= 0:
                     del self.kept[names]  # rewritten in part: never used again
                     break  # the full check below raises
-                array[i] = k + b"=" + v
+                array[i] = names[i] + b"=" + v
             else:
-                kept[0] = items
+                kept[0] = values
                 return array
-        envp = [k + b"=" + v for k, v in items]
+        envp = [k + b"=" + v for k, v in env.items()]
         # checked in bulk, name by name only when some name has a `=`
         if b"" in env:
             raise ValueError("illegal environment variable name")
-        if b"=" in b"".join(env):
+        if b"".join(env).find(b"=") >= 0:
             for k in env:
-                if b"=" in k[1:]:
+                if k.find(b"=", 1) >= 0:
                     raise ValueError("illegal environment variable name")
-        if b"\0" in b"".join(envp):
+        if b"".join(envp).find(b"\0") >= 0:
             raise ValueError("embedded null byte")
         array = self.make(envp)
         if len(self.kept) >= _CACHE_MAX:
             self.kept.clear()
-        self.kept[names] = [items, array]
+        self.kept[names] = [values, array]
         return array
 
 
@@ -252,7 +262,7 @@ class _Libc:
         return attr
 
     def spawn(self, path, argv, env, file_actions, pgroup, keep_sigpipe, search):
-        if b"\0" in path:
+        if path.find(b"\0") >= 0:
             raise ValueError("embedded null byte")
         argv_c = _kept_argv(self.argvs, argv, self.strings)
         envp_c = self.envs.get(env)
@@ -305,7 +315,7 @@ class _Forker:
         posix.close(self.ew)
 
     def spawn(self, path, argv, env, fd0, fd1, pgroup, keep_sigpipe):
-        if b"\0" in path:
+        if path.find(b"\0") >= 0:
             raise ValueError("embedded null byte")
         argv_l = _kept_argv(self.argvs, argv, tuple)
         env_l = self.envs.get(env)
@@ -446,6 +456,21 @@ def _load():
             except (ImportError, AttributeError, OSError, TypeError):
                 _libc = False
     return _libc
+
+
+def spawn_std(path, argv, env, fd0, fd1, pgroup=False):
+    """spawn() of what every plugin and queue start is: FD0 and FD1 (-1:
+    inherited) dup2'd onto the child's fds 0 and 1, SIGPIPE kept ignored, no
+    PATH search.  Straight to vfork where this process has proved it."""
+    forker = _forker
+    if forker is not None and forker.thread == _thread.get_ident():
+        return forker.spawn(path, argv, env, fd0, fd1, pgroup, True)
+    actions = []
+    if fd0 >= 0:
+        actions.append((DUP2, fd0, 0))
+    if fd1 >= 0:
+        actions.append((DUP2, fd1, 1))
+    return spawn(path, argv, env, actions, pgroup)
 
 
 def spawn(path, argv, env, file_actions=(), pgroup=False, keep_sigpipe=True, search=False):

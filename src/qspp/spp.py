@@ -232,11 +232,12 @@ class SppEngine:
                 self.journal.run(phase, entry, label, result.exit_status, result.elapsed_ms)
             self.refuser = b"plugin " + entry
             if term is not None:
-                verdict = _TERMINATORS[term[:1]]
-                if term[:1] in b"ER":
+                kind = term[:1]
+                verdict = _TERMINATORS[kind]
+                if kind == b"E" or kind == b"R":
                     self._final = len(self._text)
                     self._text += term[1:] + b"\r\n"
-                elif term[:1] == b"A":
+                elif kind == b"A":
                     self.on = False
                 break
             if result.failure is not None:

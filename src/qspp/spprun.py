@@ -11,7 +11,7 @@ import posix
 import select
 import time
 
-from .spawn import spawn as _spawn, DUP2 as _DUP2, OPEN as _OPEN
+from .spawn import spawn as _spawn, spawn_std as _spawn_std, DUP2 as _DUP2, OPEN as _OPEN
 
 try:
     from _signal import SIGKILL as _SIGKILL
@@ -200,17 +200,19 @@ def run_entry(entry, env, timeout, stdin_fd=None, on_line=None):
         return res
     try:
         if stdin_fd is None:
-            actions = [null_stdin(), (_DUP2, wfd, 1)]
+            fd0 = _null
         else:
             try:
                 posix.lseek(stdin_fd, 0, 0)  # SEEK_SET
             except OSError:
                 pass
-            actions = [(_DUP2, stdin_fd, 0), (_DUP2, wfd, 1)]
-        # glibc's posix_spawn (clone+vfork) reports exec errors as its result,
-        # so a missing or non-executable entry surfaces here as OSError.  Signals:
+            fd0 = stdin_fd
+        # A missing or non-executable entry surfaces here as OSError.  Signals:
         # SIGPIPE ignored, the rest default, mask empty (spp.md §4.2; spawn.py).
-        pid = _spawn(path, argv, env, actions, pgroup=True)
+        if fd0 is None:
+            pid = _spawn(path, argv, env, [null_stdin(), (_DUP2, wfd, 1)], pgroup=True)
+        else:
+            pid = _spawn_std(path, argv, env, fd0, wfd, pgroup=True)
     except OSError as e:
         _close(rfd)
         res.failure = VFORK_FAILED if e.errno in (_errno.EAGAIN, _errno.ENOMEM) else CANT_EXECUTE

@@ -319,7 +319,7 @@ def test_spawn_resource_failure_raises(monkeypatch, base_env, err):
         raise OSError(err, os.strerror(err))
 
     n = fd_count()
-    monkeypatch.setattr(qmod, "_spawn", spawn)
+    monkeypatch.setattr(qmod, "_spawn_std", spawn)
     with pytest.raises(QueueStartError):
         Queue.start(b"/bin/true", base_env)
     assert fd_count() == n

@@ -186,6 +186,28 @@ def test_values_rewritten_in_place_stay_exact(mode):
     assert environ_of(env) == [b"A=!", b"B=after", b"C=30!", b"D=4!", b"E=5!", b"F=60!"]
 
 
+def test_spawn_std_dups_fds_0_and_1(mode, tmp_path, monkeypatch):
+    """The plugins' and the queue's shape of spawn, by vfork where proved."""
+    forked = []
+    if spawn._forker is not None:
+        real = spawn._forker.spawn
+        monkeypatch.setattr(spawn._forker, "spawn", lambda *a: forked.append(a) or real(*a))
+    p = tmp_path / "in"
+    p.write_bytes(b"abc")
+    fd = os.open(p, os.O_RDONLY)
+    r, w = os.pipe()
+    try:
+        pid = spawn.spawn_std(b"/bin/sh", [b"sh", b"-c", b'echo "$(cat) $X"'], {b"X": b"x"}, fd, w,
+                              pgroup=True)
+    finally:
+        os.close(w)
+        os.close(fd)
+    with os.fdopen(r, "rb") as f:
+        assert f.read() == b"abc x\n"
+    assert os.waitpid(pid, 0)[1] == 0
+    assert len(forked) == (mode == "vfork")
+
+
 def test_reused_file_actions_and_argv(mode, tmp_path):
     p = tmp_path / "in"
     p.write_bytes(b"abc")

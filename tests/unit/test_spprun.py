@@ -557,6 +557,7 @@ def test_spawn_errors(monkeypatch, err, what):
     def fail(*a, **kw):
         raise OSError(err, os.strerror(err))
     monkeypatch.setattr(spprun, "_spawn", fail)
+    monkeypatch.setattr(spprun, "_spawn_std", fail)
     res, _ = run(b":echo N")
     assert res.failure == what and res.errno == err and res.pid is None
     assert set(os.listdir("/proc/self/fd")) == before  # both pipe ends closed
