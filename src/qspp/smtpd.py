@@ -70,17 +70,20 @@ class Connection:
     # The waits stay inline in these two: serve's session-time alarm looks for
     # their frames to tell a session waiting for its client.
     def _raw_write(self, data) -> None:
-        view = memoryview(data)
         if self._kernel_timeouts:
             try:
-                while view:
-                    # waits at most the timeout for room, then writes what fits
-                    view = view[posix.write(self.wfd, view):]
+                # waits at most the timeout for room, then writes what fits
+                n = posix.write(self.wfd, data)
+                if n < len(data):
+                    view = memoryview(data)[n:]
+                    while view:
+                        view = view[posix.write(self.wfd, view):]
             except BlockingIOError:  # no room for a whole timeout
                 raise _Exit(1, "write timeout")
             except OSError:
                 raise _Exit(1, "write error")
             return
+        view = memoryview(data)
         try:
             while view:
                 ms = self._timeout_ms
@@ -190,15 +193,22 @@ class Connection:
         Chunks are joined once, so a client sending a line a byte at a time
         costs linear, not quadratic, copying.
         """
-        chunks = [partial]
-        size = len(partial)
+        if not partial:
+            chunk = self.read()
+            if chunk.find(b"\n") >= 0:  # cheaper than `in` (spawn.py)
+                return chunk  # the whole line in one read, as a client sends it
+            chunks = [chunk]
+            size = len(chunk)
+        else:
+            chunks = [partial]
+            size = len(partial)
         while True:
             if size > MAX_COMMAND:
                 raise Fatal(replies.OUT_OF_MEMORY, "command line over 64 KiB")
             chunk = self.read()
             chunks.append(chunk)
             size += len(chunk)
-            if chunk.find(b"\n") >= 0:  # cheaper than `in` (spawn.py)
+            if chunk.find(b"\n") >= 0:
                 return b"".join(chunks)
 
     def _start_tls(self) -> None:

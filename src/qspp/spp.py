@@ -71,13 +71,8 @@ class SppEngine:
         self._seqno = 0
         self._policies = None
         self._servers = None
-        for entries in self.sections.values():
-            for entry in entries:
-                if entry[:7] == b"policy:":
-                    self._load_policies()
-                    break
-            if self._policies is not None:
-                break
+        if config is not None and config.policies:
+            self._load_policies()
 
     # -- hooks --------------------------------------------------------------
 

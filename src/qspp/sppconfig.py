@@ -58,9 +58,11 @@ class Config:
         text is bytes. Never printed by the engine.
     missing: the default file does not exist (Δ1); message holds the one
         stderr line text then, else None.
+    policies: some entry is a `policy:` entry (read once per parse, not by
+        every session's engine).
     """
 
-    __slots__ = ("path", "sections", "notes", "missing", "message")
+    __slots__ = ("path", "sections", "notes", "missing", "message", "policies")
 
     def __init__(self, path, sections, notes, missing=False, message=None):
         self.path = path
@@ -68,6 +70,8 @@ class Config:
         self.notes = notes
         self.missing = missing
         self.message = message
+        self.policies = any(entry[:7] == POLICY_PREFIX
+                            for entries in sections.values() for entry in entries)
 
     def entries(self, phase):
         return self.sections.get(phase, ())

@@ -117,14 +117,15 @@ def _kill(pid):
 
 
 def _wait_until(pid, deadline):
-    """Reap pid before deadline: wait status, or None when time ran out."""
+    """Reap pid before deadline: wait status, or None when time ran out.
+    For a child just found still running."""
     # EOF usually arrives while the child is still inside exit(): a couple
     # of yields let it become a zombie, cheaper than setting up a pidfd.
-    for _ in (0, 1, 2):
+    for _ in (0, 1):
+        _sched_yield()
         p, st = _waitpid(pid, _WNOHANG)
         if p:
             return st
-        _sched_yield()
     # The process lives on (closed stdout, or a slow exit): a pidfd turns its
     # exit into something poll can wait on.
     pfd = -1
@@ -322,7 +323,10 @@ def run_entry(entry, env, timeout, stdin_fd=None, on_line=None):
             if deadline is None:
                 st = _waitpid(pid, 0)[1]
             else:
-                st = _wait_until(pid, deadline)
+                # EOF most often comes with the exit: reaped at the first try
+                p, st = _waitpid(pid, _WNOHANG)
+                if not p:
+                    st = _wait_until(pid, deadline)
                 if st is None:
                     failure = TIMEOUT
                     _kill(pid)

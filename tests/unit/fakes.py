@@ -9,12 +9,12 @@
   lines and message bytes the way qspp.smtpd's I/O loop does (spec §4.2).
 """
 
-import types
 
 from qspp import control
 from qspp.session import COMMAND, DATA, CLOSED, Session
 from qspp.spp import SppEngine
 from qspp.startup import Settings
+from qspp.sppconfig import Config
 
 CLOCK = 1795558454
 QUEUED = b"250 ok 1795558460 qp 4242"
@@ -169,8 +169,8 @@ def with_stdin(fn):
 
 
 def config(**sections):
-    """An sppconfig.Config stand-in: config(helo=[b":x"], mail=[...])."""
-    return types.SimpleNamespace(sections={k: list(v) for k, v in sections.items()})
+    """An sppconfig.Config as parsed: config(helo=[b":x"], mail=[...])."""
+    return Config(b"(fake)", {k: list(v) for k, v in sections.items()}, [])
 
 
 class FakeCdb:
