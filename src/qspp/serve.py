@@ -555,6 +555,7 @@ _WRITE_WAIT = smtpd.Connection._raw_write.__code__
 
 
 _TIMEVAL = struct.Struct("@ll")  # struct timeval, for SO_RCVTIMEO/SO_SNDTIMEO
+_SOL_SOCKET, _SO_RCVTIMEO, _SO_SNDTIMEO = socket.SOL_SOCKET, socket.SO_RCVTIMEO, socket.SO_SNDTIMEO
 
 
 class _Stop(Exception):
@@ -849,6 +850,7 @@ class Worker:
         self.conn = None        # its socket, while it runs
         self.ready = None       # epoll on the listeners
         self.kinds = {}         # (family, type, proto) by listener fd
+        self.listener = None    # the one the session came from
 
     def _on_stop(self, signum, frame):
         self.stopping = True
@@ -886,13 +888,29 @@ class Worker:
 
     def _io_timeouts(self, seconds) -> bool:
         """timeoutsmtpd for the session's reads and writes, kept by the
-        socket itself: then they need no poll() first (smtpd.run)."""
-        tv = _TIMEVAL.pack(seconds, 0)
+        socket itself: then they need no poll() first (smtpd.run).
+
+        An accepted socket starts with its listener's options, so the
+        listener gets them as well and the next sessions only read them back:
+        in 3.11 setsockopt() with bytes first tries two other argument forms
+        and formats a TypeError for each.  Read back, not assumed: another
+        worker may have set the listener to another timeoutsmtpd meanwhile.
+        """
         try:
-            self.conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
-            self.conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+            tv = _TIMEVAL.pack(seconds, 0)
+            conn = self.conn
+            if (conn.getsockopt(_SOL_SOCKET, _SO_RCVTIMEO, _TIMEVAL.size) == tv
+                    and conn.getsockopt(_SOL_SOCKET, _SO_SNDTIMEO, _TIMEVAL.size) == tv):
+                return True
+            conn.setsockopt(_SOL_SOCKET, _SO_RCVTIMEO, tv)
+            conn.setsockopt(_SOL_SOCKET, _SO_SNDTIMEO, tv)
         except (OSError, struct.error):
             return False
+        try:
+            self.listener.setsockopt(_SOL_SOCKET, _SO_RCVTIMEO, tv)
+            self.listener.setsockopt(_SOL_SOCKET, _SO_SNDTIMEO, tv)
+        except (OSError, AttributeError):
+            pass  # closed by a stop signal, or none: this session has them anyway
         return True
 
     def _on_hup(self, signum, frame):
@@ -1006,7 +1024,9 @@ class Worker:
                     # the C socket: socket.socket.accept() takes as long again
                     # making enums of family and type and running its __init__
                     try:
-                        return _socket.socket(*kind, cfd), peer
+                        conn = _socket.socket(*kind, cfd)
+                        self.listener = s
+                        return conn, peer
                     except BaseException:
                         os.close(cfd)
                         raise

@@ -331,6 +331,32 @@ def test_a_control_file_that_appears_counts_from_the_next_connection(home, serve
     assert len(pids) == 4 and len(set(pids)) == 1
 
 
+def test_timeoutsmtpd_changed_between_sessions_of_one_worker(home, serve):
+    """The listener carries the last timeout a session set (accepted sockets
+    start with it); each session still gets the one control/ holds then."""
+    home.control("timeoutsmtpd", "1\n")
+    s = serve("--concurrency", "1")  # one worker serves every connection
+
+    def idle_for(seconds):
+        c = s.connect()
+        t0 = time.monotonic()
+        got = c.rest(timeout=seconds)
+        return got, time.monotonic() - t0
+
+    got, took = idle_for(10)
+    assert got == TIMEOUT and 0.7 <= took < 5, took
+    home.control("timeoutsmtpd", "3\n")
+    s.wait_idle()
+    got, took = idle_for(10)
+    assert got == TIMEOUT and 2.7 <= took < 7, took
+    os.unlink(os.path.join(home.root, "control", "timeoutsmtpd"))  # 1200 s
+    s.wait_idle()
+    c = s.connect()
+    c.silent(4)
+    assert c.cmd(b"QUIT") == QUIT
+    s.wait_idle()
+
+
 def test_concurrency_limit_defers_the_greeting(home, serve):
     s = serve("--concurrency", "1")
     first = s.connect()

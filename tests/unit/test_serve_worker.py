@@ -67,3 +67,57 @@ def test_an_accepted_connection_is_blocking():
     finally:
         client.close()
         listener.close()
+
+
+def timeouts(sock):
+    tv = serve._TIMEVAL
+    return tuple(tv.unpack(sock.getsockopt(socket.SOL_SOCKET, opt, tv.size))[0]
+                 for opt in (socket.SO_RCVTIMEO, socket.SO_SNDTIMEO))
+
+
+def test_io_timeouts_are_set_and_reach_the_next_connection_through_the_listener():
+    """timeoutsmtpd on the session's socket; the listener gets it too, so an
+    accepted socket already has it, and a changed timeoutsmtpd still wins."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    listener.setblocking(False)
+    worker = serve.Worker(type("S", (), {"listeners": [listener]})(), 0)
+    clients = []
+
+    def accepted():
+        # the kernel makes the socket when the handshake ends, from the
+        # listener as it is then
+        clients.append(socket.create_connection(listener.getsockname()))
+        return worker.accept([(listener.fileno(), 1)])[0]
+    try:
+        first = accepted()
+        assert timeouts(first) == (0, 0)
+        worker.conn = first
+        assert worker._io_timeouts(7)
+        assert timeouts(first) == timeouts(listener) == (7, 7)
+        second = accepted()
+        assert timeouts(second) == (7, 7)
+        worker.conn = second
+        assert worker._io_timeouts(7)
+        assert worker._io_timeouts(3)  # timeoutsmtpd changed
+        assert timeouts(second) == timeouts(listener) == (3, 3)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, serve._TIMEVAL.pack(9, 0))
+        third = accepted()  # another worker set one option to another value meanwhile
+        assert timeouts(third) == (3, 9)
+        worker.conn = third
+        assert worker._io_timeouts(3)
+        assert timeouts(third) == timeouts(listener) == (3, 3)
+        for conn in (first, second, third):
+            conn.close()
+        listener.close()  # a stop signal closed it: the session still gets its timeouts
+        fourth = socket.socket()
+        worker.conn = fourth
+        assert worker._io_timeouts(3)
+        assert timeouts(fourth) == (3, 3)
+        fourth.close()
+        assert not worker._io_timeouts(3)  # no socket: the session polls instead
+    finally:
+        for c in clients:
+            c.close()
+        listener.close()
