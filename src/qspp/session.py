@@ -28,6 +28,24 @@ MAX_ENVELOPE = 16 << 20  # bytes qmail-queue would read on fd 1 (spec §2.7, D4)
 
 _received_line = None  # qspp.received.received, imported at the first message
 
+# verb: the method that answers it.  Names, not bound methods kept per
+# session: those would hold the session in a cycle that only the garbage
+# collector could free, where now it goes with its last reference.
+_VERBS = {
+    b"helo": "helo",
+    b"ehlo": "ehlo",
+    b"mail": "mail",
+    b"rcpt": "rcpt",
+    b"data": "data_command",
+    b"rset": "rset",
+    b"noop": "noop",
+    b"vrfy": "vrfy",
+    b"help": "help",
+    b"quit": "quit",
+    b"starttls": "starttls",
+}
+_VERBS_AUTH = {**_VERBS, b"auth": "auth"}
+
 
 class Fatal(Exception):
     """Ends the connection after `reply`, exit status 1 (spec's "fatal 421")."""
@@ -81,21 +99,7 @@ class Session:
         self.reader = None
         self.queue = None
         self.spool = None
-        self._verbs = {
-            b"helo": self.helo,
-            b"ehlo": self.ehlo,
-            b"mail": self.mail,
-            b"rcpt": self.rcpt,
-            b"data": self.data_command,
-            b"rset": self.rset,
-            b"noop": self.noop,
-            b"vrfy": self.vrfy,
-            b"help": self.help,
-            b"quit": self.quit,
-            b"starttls": self.starttls,
-        }
-        if settings.auth is not None:
-            self._verbs[b"auth"] = self.auth
+        self._verbs = _VERBS if settings.auth is None else _VERBS_AUTH
 
     # -- output -------------------------------------------------------------
 
@@ -150,7 +154,7 @@ class Session:
             if handler is None:
                 self.reply(replies.UNIMPLEMENTED, flush=True)
             else:
-                handler(arg)
+                getattr(self, handler)(arg)
         except Fatal as err:
             self.fatal(err)
 

@@ -1933,3 +1933,29 @@ def test_body_in_chunks_of_every_size():
         rcvd = RCVD.replace(b" (HELO h)", b"")
         assert h.queue.last.message == (rcvd + b"X-Size: %d\n" % (len(rcvd) + len(CHUNK_STORED))
                                         + CHUNK_STORED), size
+
+
+def test_a_finished_session_needs_no_garbage_collector():
+    """Nothing of a session holds itself in a cycle: its last reference frees
+    it at once, in a worker that serves the next client right after."""
+    import gc
+    import weakref
+    from qspp.authmode import AuthMode
+    gc.collect()
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        for auth in (False, True):
+            mode = AuthMode(b"mx.example.org", [b"/bin/true"], None) if auth else None
+            h = Harness(settings(auth=mode),
+                        sections={"mail": [b"m"], "rcpt": [b"r"]},
+                        programs={b"m": lambda env: b"", b"r": lambda env: b"HX-Seen: yes\n"})
+            h.feed(b"HELO h\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@example.org>\r\nDATA\r\n"
+                   b"Subject: s\r\n\r\nbody\r\n.\r\nQUIT\r\n")
+            assert h.session.state == CLOSED
+            gone = weakref.ref(h.session), weakref.ref(h.engine)
+            del h
+            assert [ref() for ref in gone] == [None, None]
+    finally:
+        if was:
+            gc.enable()
