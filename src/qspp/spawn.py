@@ -92,7 +92,7 @@ class _Envs:
 
     def __init__(self, make):
         self.make = make
-        self.kept = {}  # [the env's items in order, their array] by names
+        self.kept = {}  # [the values in order, their array] by names
 
     def get(self, env):
         names = tuple(env)
