@@ -115,17 +115,6 @@ def _directory(path):
     return path[:slash] or path[:1]  # "/x": the root
 
 
-def _directory_now(directory) -> tuple:
-    now = _dirs_now.get(directory)
-    if now is None:
-        try:
-            now = _signature(posix.stat(directory))
-        except OSError:
-            now = ()
-        _dirs_now[directory] = now
-    return now
-
-
 def known_absent(path) -> bool:
     """PATH was found absent, and the directory that would hold it has not
     changed since."""
@@ -134,8 +123,12 @@ def known_absent(path) -> bool:
         return False
     directory, then = hit
     now = _dirs_now.get(directory)
-    if now is None:
-        now = _directory_now(directory)
+    if now is None:  # the first look at it this connection
+        try:
+            now = _signature(posix.stat(directory))
+        except OSError:
+            now = ()
+        _dirs_now[directory] = now
     if now == then:
         return True
     del _absent[path]
