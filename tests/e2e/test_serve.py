@@ -325,10 +325,12 @@ def test_a_control_file_that_appears_counts_from_the_next_connection(home, serve
     session(b"220 hello.example ESMTP\r\n", b"221 hello.example\r\n")
     os.unlink(os.path.join(home.root, "control", "smtpgreeting"))
     session(GREETING)
-    s.wait_line(rb"spp-summary .*end=quit$")
-    pids = [m.group(1) for m in map(re.compile(rb"qspp: pid (\d+): spp-summary ").search,
-                                    s.lines()) if m]
-    assert len(pids) == 4 and len(set(pids)) == 1
+    summary = re.compile(rb"qspp: pid (\d+): spp-summary ")
+
+    def worker_pids():
+        pids = [m.group(1) for m in map(summary.search, s.lines()) if m]
+        return pids if len(pids) == 4 else None
+    assert len(set(wait_for(worker_pids, 5, "four spp-summary lines"))) == 1
 
 
 def test_timeoutsmtpd_changed_between_sessions_of_one_worker(home, serve):
