@@ -162,7 +162,7 @@ def _read(path, first_line: bool) -> "bytes | None":
         if unchanged(path, hit[0]):
             return hit[1]
         del _cache[key]
-    if path in _absent and known_absent(path):
+    if known_absent(path):
         return None
     fd = _open(path)
     if fd is None:

@@ -1,9 +1,10 @@
 """qmail-queue client (spec §2.4, §2.6, §6.6).
 
 The queue program gets the message on fd 0 and the envelope on fd 1, both pipes,
-fd 2 and the current directory inherited.  posix.posix_spawn keeps the start cheap;
-the pipe ends are created close-on-exec (posix.pipe does that), so only the two dup2
-copies reach the child.  This relies on fds 0 and 1 being open in qspp, which they
+fd 2 and the current directory inherited.  spawn.spawn_std keeps the start cheap
+(vfork where the process has proved it may, else posix_spawn); the pipe ends are
+created close-on-exec (posix.pipe does that), so only the two dup2 copies reach
+the child.  This relies on fds 0 and 1 being open in qspp, which they
 always are (the client connection), so pipe() never hands out 0 or 1.
 
 Signals as under qmail: SIGPIPE ignored, every other one at its default (SIGXFSZ,

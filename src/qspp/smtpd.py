@@ -193,23 +193,17 @@ class Connection:
         Chunks are joined once, so a client sending a line a byte at a time
         costs linear, not quadratic, copying.
         """
-        if not partial:
-            chunk = self.read()
-            if chunk.find(b"\n") >= 0:  # cheaper than `in` (spawn.py)
-                return chunk  # the whole line in one read, as a client sends it
-            chunks = [chunk]
-            size = len(chunk)
-        else:
-            chunks = [partial]
-            size = len(partial)
+        chunks = [partial] if partial else []
+        size = len(partial)
         while True:
             if size > MAX_COMMAND:
                 raise Fatal(replies.OUT_OF_MEMORY, "command line over 64 KiB")
             chunk = self.read()
             chunks.append(chunk)
             size += len(chunk)
-            if chunk.find(b"\n") >= 0:
-                return b"".join(chunks)
+            if chunk.find(b"\n") >= 0:  # cheaper than `in` (spawn.py)
+                # most often the whole line came in one read: no join
+                return chunk if len(chunks) == 1 else b"".join(chunks)
 
     def _start_tls(self) -> None:
         from .tls import Channel, reason
