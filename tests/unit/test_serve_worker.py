@@ -121,3 +121,77 @@ def test_io_timeouts_are_set_and_reach_the_next_connection_through_the_listener(
         for c in clients:
             c.close()
         listener.close()
+
+
+def test_open_fds_leaves_out_the_listings_own():
+    r, w = os.pipe()
+    got = serve._open_fds()
+    os.close(w)
+    try:
+        assert {r, w} <= got
+        assert got == {n for n in got if os.path.exists("/proc/self/fd/%d" % n)} | {w}
+        assert serve._open_fds() == got - {w}
+    finally:
+        os.close(r)
+
+
+def test_fd_check_finds_a_descriptor_left_open_and_nothing_after_a_clean_session():
+    check = serve.FdCheck()
+    assert check.left_open() == []
+    r, w = os.pipe()
+    os.close(w)
+    try:
+        assert check.left_open() == [r]   # found by the poll, named by the listing
+    finally:
+        os.close(r)
+    assert check.left_open() == []
+
+
+def test_fd_check_poll_alone_answers_a_clean_session(monkeypatch):
+    check = serve.FdCheck()
+    listings = []
+    listed = serve._open_fds
+    monkeypatch.setattr(serve, "_open_fds", lambda: listings.append(1) or listed())
+    for _ in range(check.FULL_EVERY - 1):
+        os.close(os.open(os.devnull, os.O_RDONLY))  # a session's own, closed again
+        assert check.left_open() == []
+    assert listings == []
+    assert check.left_open() == []   # the periodic full listing
+    assert listings == [1]
+
+
+def test_fd_check_finds_one_beyond_the_probed_numbers_by_the_periodic_listing():
+    check = serve.FdCheck()
+    high = max(check.all_closed)[0] + 10
+    os.dup2(0, high, inheritable=False)
+    try:
+        found = [check.left_open() for _ in range(check.FULL_EVERY)]
+    finally:
+        os.close(high)
+    assert found[:-1] == [[]] * (check.FULL_EVERY - 1)
+    assert found[-1] == [high]
+
+
+def test_fd_check_an_open_descriptor_with_an_event_is_not_taken_for_closed():
+    # a hung-up socket answers POLLHUP even with no events asked for
+    check = serve.FdCheck()
+    a, b = socket.socketpair()
+    b.close()
+    try:
+        assert check.left_open() == [a.fileno()]
+    finally:
+        a.close()
+
+
+def test_fd_check_takes_the_workers_new_descriptors_as_its_own():
+    check = serve.FdCheck()
+    fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)  # reloaded rules, say
+    try:
+        assert check.left_open(also_held=(fd,)) == []
+        assert fd in check.held
+        assert check.left_open() == []   # now the worker's own: no listing needed
+    finally:
+        os.close(fd)
+    for _ in range(check.FULL_EVERY):
+        assert check.left_open() == []
+    assert fd not in check.held          # gone at the next full listing
