@@ -329,9 +329,11 @@ def _lowered(entries) -> "frozenset | None":
     return None if entries is None else frozenset(e.lower() for e in entries)
 
 
-RCPTHOSTS = "control/rcpthosts"
-MORERCPTHOSTS = "control/morercpthosts.cdb"
-BADMAILFROM = "control/badmailfrom"
+# bytes, as every other control path: a str one would be another key for the
+# same directory in _dirs_now, and its stat taken twice per connection
+RCPTHOSTS = b"control/rcpthosts"
+MORERCPTHOSTS = b"control/morercpthosts.cdb"
+BADMAILFROM = b"control/badmailfrom"
 
 
 class Rcpthosts:

@@ -400,7 +400,7 @@ class RecordingCdb:
         self.keys = set(keys)
         self.lookups = []
         self.fail = fail
-        self.path = "control/morercpthosts.cdb"
+        self.path = b"control/morercpthosts.cdb"
 
     def __contains__(self, key):
         self.lookups.append(key)
@@ -435,7 +435,7 @@ def test_cdb_error_is_control_error_at_lookup():
     with pytest.raises(ControlError) as ei:
         rh.allows(b"x@far.example")
     assert ei.value.errno == errno.EIO
-    assert ei.value.path == "control/morercpthosts.cdb"
+    assert ei.value.path == b"control/morercpthosts.cdb"
 
 
 def test_cdb_ignored_without_rcpthosts():
@@ -486,7 +486,7 @@ def test_morercpthosts_directory_row_23(home):
     with pytest.raises(ControlError) as ei:
         rh.allows(b"x@far.example")
     assert ei.value.errno == errno.EISDIR
-    assert ei.value.path == "control/morercpthosts.cdb"
+    assert ei.value.path == b"control/morercpthosts.cdb"
 
 
 def test_morercpthosts_truncated(home):
@@ -511,14 +511,14 @@ def test_morercpthosts_not_opened_without_rcpthosts(home):
     with pytest.raises(ControlError) as ei:
         Rcpthosts.load()
     assert ei.value.errno == errno.ELOOP
-    assert ei.value.path == "control/morercpthosts.cdb"
+    assert ei.value.path == b"control/morercpthosts.cdb"
 
 
 def test_rcpthosts_unreadable(home):
     os.mkdir("control/rcpthosts")
     with pytest.raises(ControlError) as ei:
         Rcpthosts.load()
-    assert ei.value.path == "control/rcpthosts"
+    assert ei.value.path == b"control/rcpthosts"
     assert ei.value.errno == errno.EISDIR
 
 
