@@ -263,6 +263,20 @@ def test_absent_files_cost_one_stat_of_their_directory_per_connection(home, sett
     assert stats == [b"control", b"control"]
 
 
+def test_a_whole_startup_stats_control_once_besides_its_files(home, settled, remembering,
+                                                               monkeypatch):
+    """The absent files a connection looks for (morercpthosts.cdb and
+    badmailfrom among them) share one stat of control/."""
+    from qspp import startup
+    put("control/me", b"me.example\n")
+    put("control/rcpthosts", b"example.org\n")
+    startup.load({})
+    stats = recorded(monkeypatch, control.posix, "stat")
+    for _ in range(2):
+        startup.load({})
+    assert sorted(stats) == sorted([b"control", b"control/me", b"control/rcpthosts"] * 2)
+
+
 def test_a_new_directory_is_a_change(home, settled, remembering):
     """control/ replaced as a whole (renamed into place): its own identity
     differs, even where its times would not."""
