@@ -846,8 +846,8 @@ class FdCheck:
     PROBED = 64
     FULL_EVERY = 64
 
-    def __init__(self, held=None):
-        self.rebase(_open_fds() if held is None else held)
+    def __init__(self):
+        self.rebase(_open_fds())
 
     def rebase(self, held) -> None:
         """From now on HELD (descriptor numbers) are the worker's own."""
