@@ -163,7 +163,9 @@ def test_fd_check_poll_alone_answers_a_clean_session(monkeypatch):
 def test_fd_check_finds_one_beyond_the_probed_numbers_by_the_periodic_listing():
     check = serve.FdCheck()
     high = max(check.all_closed)[0] + 10
-    os.dup2(0, high, inheritable=False)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, high, inheritable=False)
+    os.close(null)
     try:
         found = [check.left_open() for _ in range(check.FULL_EVERY)]
     finally:
