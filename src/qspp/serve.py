@@ -820,13 +820,19 @@ class Slots:
         return int.from_bytes(self.mem[self.end:], "little") - self.busy()
 
 
+def _asking(fds) -> "select.poll":
+    """A poll object asking nothing of FDS: its poll(0) answers POLLNVAL for
+    each of them that is closed."""
+    poller = select.poll()
+    for n in fds:
+        poller.register(n, 0)
+    return poller
+
+
 def _open_fds() -> "set[int]":
     listed = {int(n) for n in os.listdir("/proc/self/fd")}
     # one of them was the listing's own, closed by now: poll() tells which
-    poller = select.poll()
-    for n in listed:
-        poller.register(n, 0)
-    listed.difference_update(n for n, ev in poller.poll(0) if ev & select.POLLNVAL)
+    listed.difference_update(n for n, ev in _asking(listed).poll(0) if ev & select.POLLNVAL)
     return listed
 
 
@@ -858,9 +864,7 @@ class FdCheck:
             if n not in self.held:
                 probed.append(n)
             n += 1
-        self.poller = select.poll()
-        for n in probed:
-            self.poller.register(n, 0)
+        self.poller = _asking(probed)
         # poll() lists its answers in the order they were registered
         self.all_closed = [(n, select.POLLNVAL) for n in probed]
         self.countdown = self.FULL_EVERY
